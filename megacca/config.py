@@ -1,0 +1,419 @@
+"""The one typed config tree: dataclasses (a docstring per field), YAML files mirroring them, dotted overrides.
+
+Resolution order, later wins: dataclass defaults < model preset (`model.preset`) < YAML file < CLI overrides
+(`train.max_steps=20 parallel.tp=2`). Everything is validated before any process group or model exists; a bad
+key, type or combination raises `ConfigError`, which the CLI turns into one line and exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from megacca.data.config import DataConfig, SourceConfig  # noqa: F401  (part of the tree)
+
+
+class ConfigError(ValueError):
+    """A config problem; `key` is the dotted key it concerns (or the file)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer (Llama-style: RMSNorm, SwiGLU, RoPE, no biases)."""
+
+    preset: Optional[str] = "debug"
+    """Named size from `megacca.model.presets` (debug, small, llamagen-B/L/XL/XXL/3B, unified-7B); fields
+    set explicitly in YAML or on the command line override the preset's."""
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None = same as num_attention_heads."""
+    ffn_hidden_size: int = 176
+    """SwiGLU inner width."""
+    vocab_size: int = 512
+    """Unpadded unified vocabulary size; overwritten from `data.vocab` when that manifest is given."""
+    make_vocab_size_divisible_by: int = 64
+    """The embedding is padded to a multiple of this times `parallel.tp`."""
+    seq_length: int = 128
+    """Training sequence length (tokens per packed sequence)."""
+    rotary_base: int = 10000
+    """RoPE base."""
+    rope: Literal["1d", "2d"] = "1d"
+    """`1d`: standard rotary; `2d`: image-code spans get (row, column) rotary as in LlamaGen."""
+    image_grid: int = 16
+    """Codes per image side (for 2d rope): a `<boi>` token is followed by image_grid**2 codes."""
+    boi_token_id: int = 3
+    """Id of `<boi>` in the unified vocabulary (where 2d rope starts a grid)."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.02
+    """Std of the normal weight init."""
+    attention_backend: Literal["auto", "flash", "te", "sdpa", "local"] = "auto"
+    """auto: flash-attn on GPU when installed, else Transformer Engine, else torch SDPA. `local` is
+    megatron-core's unfused DotProductAttention (reference for tests)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = 0.0
+    """Dropout on residual branches."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are spread over processes."""
+
+    engine: Literal["deepspeed", "megatron"] = "deepspeed"
+    """`deepspeed`: DeepSpeed engine (ZeRO 0-3, pp must be 1); `megatron`: megatron-core DDP +
+    DistributedOptimizer + pipeline schedules."""
+    tp: int = 1
+    """Tensor-parallel size (megatron-core layers)."""
+    pp: int = 1
+    """Pipeline-parallel size (megatron engine only)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3; with engine=megatron, 1 selects the DistributedOptimizer."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto = nccl with CUDA, else gloo."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    run_dir: Optional[str] = None
+    """Run directory (config.yaml, metrics.jsonl, TensorBoard events, checkpoints/); default runs/<config name>."""
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    save_every: int = 50
+    """Save a checkpoint every N steps (0 = only at the end); always saves at the end."""
+    keep_last: int = 2
+    """Checkpoints kept in checkpoints/ (older ones deleted after a newer one is complete); 0 keeps all."""
+    seed: int = 1234
+    """Seed for init, data order and dropout."""
+    micro_batch_size: int = 2
+    """Sequences per forward pass per data-parallel rank."""
+    global_batch_size: Optional[int] = None
+    """Sequences per optimizer step over all ranks; None = micro_batch_size x data-parallel size.
+    Must be a multiple of micro_batch_size x dp (the quotient is the gradient accumulation)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Parameter/compute precision (bf16 keeps fp32 master weights)."""
+    resume: bool = True
+    """Resume from checkpoints/latest when the run directory has one."""
+    log_every: int = 1
+    """Print a log line every N steps (metrics.jsonl gets every step)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to the run directory."""
+    progress_bar: Literal["auto", "on", "off"] = "auto"
+    """tqdm bar: auto = only when stdout is a terminal."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (linear warmup, then cosine or constant)."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Final learning rate of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to lr."""
+    decay: Literal["cosine", "constant"] = "cosine"
+    """Shape after warmup (cosine decays to min_lr at max_steps)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    name: str = "run"
+    """Run name (the YAML file's stem by default)."""
+    stage: Literal["pretrain"] = "pretrain"
+    """Which training stage runs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    # -- derived quantities (not config keys) --
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    def dp_size(self) -> int:
+        return self.world_size() // (self.parallel.tp * self.parallel.pp)
+
+    def grad_accum(self) -> int:
+        return self.global_batch() // (self.train.micro_batch_size * self.dp_size())
+
+    def global_batch(self) -> int:
+        return self.train.global_batch_size or self.train.micro_batch_size * self.dp_size()
+
+    def padded_vocab_size(self) -> int:
+        m = self.model.make_vocab_size_divisible_by * self.parallel.tp
+        return -(-self.model.vocab_size // m) * m
+
+
+# ---------------------------------------------------------------- typed construction from plain dicts
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, tp, value):
+    """Check `value` against annotation `tp`; return the value (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, a, value)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported annotation {tp}")
+
+
+def from_dict(cls, data, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{prefix}.{k}" if prefix else str(k), f"unknown key (valid: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- overrides and loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (["a","b","c"], value parsed as a YAML scalar/list)."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(text, "override must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _set_dotted(tree: dict, path: list[str], value) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(path[: i + 1]), "is not a section; cannot set a sub-key")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Load YAML `path` (may be None), apply dotted `overrides`, resolve the preset, validate."""
+    raw: dict = {}
+    name = "run"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(str(path), "config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}", f"invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(str(path), "top level must be a mapping")
+        name = p.stem
+    raw.setdefault("name", name)
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        _set_dotted(raw, keys, value)
+
+    # Preset: preset values, then the user's explicit model keys on top.
+    from megacca.model.presets import PRESETS
+
+    model_raw = raw.get("model") or {}
+    if not isinstance(model_raw, dict):
+        raise ConfigError("model", "expected a mapping")
+    preset = model_raw.get("preset", ModelConfig.preset)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError("model.preset", f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        raw["model"] = _deep_merge(PRESETS[preset], model_raw)
+    cfg = from_dict(Config, raw)
+    if cfg.train.run_dir is None:
+        cfg.train.run_dir = str(Path("runs") / cfg.name)
+    resolve_vocab(cfg)
+    validate(cfg)
+    return cfg
+
+
+def resolve_vocab(cfg: Config) -> None:
+    """Take the vocabulary size (and <boi> id) from the data manifest when one is configured."""
+    if cfg.data.vocab is None:
+        return
+    import json
+
+    p = Path(cfg.data.vocab)
+    if not p.is_file():
+        raise ConfigError("data.vocab", f"vocabulary manifest not found: {p}")
+    try:
+        manifest = json.loads(p.read_text())
+        cfg.model.vocab_size = int(manifest["vocab_size"])
+        cfg.model.boi_token_id = int(manifest["specials"]["boi"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError("data.vocab", f"{p} is not a vocabulary manifest ({e})") from None
+
+
+def validate(cfg: Config) -> None:
+    """Impossible combinations, named by key. WORLD_SIZE comes from the launcher's environment."""
+    m, par, tr, opt = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    world = cfg.world_size()
+    positive = {
+        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+        "model.num_attention_heads": m.num_attention_heads, "model.ffn_hidden_size": m.ffn_hidden_size,
+        "model.vocab_size": m.vocab_size, "model.seq_length": m.seq_length,
+        "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+        "parallel.tp": par.tp, "parallel.pp": par.pp, "train.max_steps": tr.max_steps,
+        "train.micro_batch_size": tr.micro_batch_size, "train.log_every": tr.log_every,
+    }
+    for k, v in positive.items():
+        if v < 1:
+            raise ConfigError(k, f"must be >= 1, got {v}")
+    for k, v in {"train.save_every": tr.save_every, "train.keep_last": tr.keep_last,
+                 "optim.warmup_steps": opt.warmup_steps, "optim.lr": opt.lr, "optim.min_lr": opt.min_lr,
+                 "optim.weight_decay": opt.weight_decay, "optim.grad_clip": opt.grad_clip,
+                 "data.num_workers": cfg.data.num_workers}.items():
+        if v < 0:
+            raise ConfigError(k, f"must be >= 0, got {v}")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError("model.hidden_size", f"{m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups:
+        raise ConfigError("model.num_query_groups", f"num_attention_heads={m.num_attention_heads} is not divisible by {groups}")
+    if m.rope == "2d" and (m.hidden_size // m.num_attention_heads) % 4:
+        raise ConfigError("model.rope", "2d rope needs a head dim divisible by 4")
+    if m.num_attention_heads % par.tp:
+        raise ConfigError("parallel.tp", f"num_attention_heads={m.num_attention_heads} is not divisible by tp={par.tp}")
+    if groups % par.tp:
+        raise ConfigError("parallel.tp", f"num_query_groups={groups} is not divisible by tp={par.tp}")
+    if m.ffn_hidden_size % par.tp:
+        raise ConfigError("parallel.tp", f"ffn_hidden_size={m.ffn_hidden_size} is not divisible by tp={par.tp}")
+    if m.num_layers % par.pp:
+        raise ConfigError("parallel.pp", f"num_layers={m.num_layers} is not divisible by pp={par.pp}")
+    if world % (par.tp * par.pp):
+        raise ConfigError("parallel.tp", f"world size {world} is not divisible by tp*pp={par.tp * par.pp}")
+    if par.engine == "deepspeed" and par.pp > 1:
+        raise ConfigError("parallel.pp", "pp>1 needs parallel.engine=megatron (the deepspeed engine has no pipeline)")
+    if par.engine == "deepspeed" and par.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("parallel.zero_stage", f"must be 0, 1, 2 or 3; got {par.zero_stage}")
+    if par.engine == "megatron" and par.zero_stage not in (0, 1):
+        raise ConfigError("parallel.zero_stage", "engine=megatron supports 0 (DDP) or 1 (DistributedOptimizer)")
+    if par.sequence_parallel and par.tp == 1:
+        raise ConfigError("parallel.sequence_parallel", "needs tp > 1")
+    if par.sequence_parallel and m.seq_length % par.tp:
+        raise ConfigError("parallel.sequence_parallel", f"seq_length={m.seq_length} is not divisible by tp={par.tp}")
+    per_step = tr.micro_batch_size * cfg.dp_size()
+    if tr.global_batch_size is not None and (tr.global_batch_size < per_step or tr.global_batch_size % per_step):
+        raise ConfigError("train.global_batch_size",
+                          f"{tr.global_batch_size} is not a multiple of micro_batch_size x dp = {per_step}")
+    if par.engine == "megatron" and par.pp > 1 and cfg.grad_accum() < 1:
+        raise ConfigError("train.global_batch_size", "pipeline needs at least one micro-batch")
+    if opt.min_lr > opt.lr:
+        raise ConfigError("optim.min_lr", f"{opt.min_lr} is larger than optim.lr={opt.lr}")
+    if cfg.data.kind == "webdataset" and not cfg.data.sources:
+        raise ConfigError("data.sources", "kind=webdataset needs at least one source")
+    for i, s in enumerate(cfg.data.sources):
+        if not s.path:
+            raise ConfigError(f"data.sources[{i}].path", "is empty")
+        if s.weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight", f"must be > 0, got {s.weight}")
+    if not 0.0 <= cfg.data.cond_dropout <= 1.0:
+        raise ConfigError("data.cond_dropout", "must be in [0, 1]")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,29 @@
+"""Pretraining: next-token loss over packed sequences of interleaved text and image tokens.
+
+The stage is the generic trainer fed by a data source; `build_data` picks the synthetic source or the
+WebDataset streaming loader from `data.kind`.
+"""
+from __future__ import annotations
+
+from megacca.config import Config
+from megacca.trainer import Trainer
+
+
+def build_data(cfg: Config, dp_rank: int, dp_size: int):
+    tr, m, d = cfg.train, cfg.model, cfg.data
+    seed = tr.seed
+    if d.kind == "synthetic":
+        from megacca.data.synthetic import SyntheticSource
+
+        grid = m.image_grid if m.rope == "2d" else 4
+        return SyntheticSource(m.vocab_size, m.seq_length, tr.micro_batch_size, dp_rank, dp_size, seed,
+                               num_samples=d.synthetic_samples, image_grid=grid)
+    from megacca.data.loader import build_webdataset_source
+    from megacca.tokenizer.vocab import UnifiedVocab
+
+    vocab = UnifiedVocab.load(d.vocab, text_model=d.text_model)
+    return build_webdataset_source(d, vocab, m.seq_length, tr.micro_batch_size, dp_rank, dp_size, seed)
+
+
+def run(cfg: Config) -> list[dict]:
+    return Trainer(cfg, build_data).fit()

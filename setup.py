@@ -1,0 +1,34 @@
+"""megacca: pretraining + alignment (CCA, DPO) of unified text/image-token AR transformers.
+
+CPU installs (and CI) pin torch and megatron-core through requirements/cpu.txt; a GPU user keeps the CUDA torch
+already installed: `pip install -e .` then, optionally, `pip install -e .[gpu]` (flash-attn; apex and
+Transformer Engine are built from source, see README).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megacca",
+    version="0.1.0",
+    description="Unified multimodal AR pretraining and Condition Contrastive Alignment on megatron-core + DeepSpeed",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megacca", "megacca.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.17",
+        "deepspeed>=0.19",
+        "sentencepiece>=0.2",
+        "webdataset>=0.2.100",
+        "tensorboard>=2.14",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "pillow",
+        "scikit-learn",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "gpu": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["megacca=megacca.cli:main"]},
+)
