@@ -93,29 +93,36 @@ def read_shard_samples(path: str) -> tuple[list[dict], Optional[str], Optional[s
 
     Returns ``(samples, error, last_member)``: the samples read (``{"__key__", "__url__", ext: bytes}``), the
     tar error that stopped reading (None when the archive read cleanly) and the name of the last member the
-    reader reached. Python's tarfile silently stops at a bad header after the first member, so callers must
-    also compare the sample count with the manifest.
+    reader reached. When the error strikes inside a member's data, that member's sample is dropped; when it
+    strikes at a header, the samples read so far are all returned (the last one may lack members, which the
+    field checks catch). Callers compare the sample count with the manifest as well.
     """
-    samples: list[dict] = []
-    last = [None]
+    st = {"last": None, "complete": True, "error": None}
 
-    def note(fname: str) -> str:
-        last[0] = fname
+    def note(fname: str) -> str:  # called before each member's data is read
+        st["last"], st["complete"] = fname, False
         return fname
 
-    def with_url(files):
-        for f in files:
-            f["__url__"] = path
-            yield f
+    def files(f):
+        try:
+            for member in wds.tariterators.tar_file_iterator(f, rename_files=note):
+                st["complete"] = True
+                member["__url__"] = path
+                yield member
+        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
+            st["error"] = f"{type(e).__name__}: {e}"
 
+    samples: list[dict] = []
     try:
         with open(path, "rb") as f:
-            files = wds.tariterators.tar_file_iterator(f, rename_files=note)
-            for s in wds.tariterators.group_by_keys(with_url(files)):
+            for s in wds.tariterators.group_by_keys(files(f)):
                 samples.append(s)
-    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
-        return samples, f"{type(e).__name__}: {e}", last[0]
-    return samples, None, last[0]
+    except (OSError, ValueError) as e:  # unreadable file, duplicate member names
+        st["error"] = st["error"] or f"{type(e).__name__}: {e}"
+    if st["error"] is not None and not st["complete"] and samples \
+            and samples[-1]["__key__"] == _key_of(st["last"]):
+        samples.pop()
+    return samples, st["error"], st["last"]
 
 
 def _key_of(member: Optional[str]) -> Optional[str]:
@@ -295,13 +302,15 @@ def _load_unit(plan: _Plan, src: _Source, epoch: int, unit: tuple[int, int, int]
     path, expected = src.paths[shard_idx], src.counts[shard_idx]
     raw, err, last_member = read_shard_samples(path)
     if not raw:
-        _bad(plan, BadSample(f"{path}: empty shard (no samples{'; ' + err if err else ''}; the manifest lists "
-                             f"{expected}) at sample key None", "empty_shard", path, None), errors)
+        _bad(plan, BadSample(f"{path}: empty shard: no sample (so no sample key) could be read"
+                             f"{' (' + err + ')' if err else ''}; the manifest lists {expected}",
+                             "empty_shard", path, None), errors)
         return pack([], plan.seq_length, plan.vocab.pad_id)
     if err is not None or len(raw) < expected:
         key = _key_of(last_member) or raw[-1]["__key__"]
-        _bad(plan, BadSample(f"{path}: corrupt or truncated tar at sample key {key!r} (member {last_member!r}): "
-                             f"read {len(raw)} of {expected} samples{' (' + err + ')' if err else ''}",
+        _bad(plan, BadSample(f"{path}: corrupt or truncated tar at sample key {key!r} (damage in or right after "
+                             f"member {last_member!r}): read {len(raw)} of {expected} samples"
+                             f"{' (' + err + ')' if err else ''}",
                              "corrupt_tar", path, key), errors)
     elif len(raw) > expected:
         log.warning("%s holds %d samples, its manifest says %d", path, len(raw), expected)
@@ -556,8 +565,10 @@ def _resolve_task(i: int, cfg_task: str, manifest: dict, paths: list[str], where
     if kind == "text":
         return "text"
     # codes: captions → t2i, labels only → c2i. Use the manifest's hint when it has one, else the first sample.
-    if isinstance(manifest.get("captions"), bool):
-        return "t2i" if manifest["captions"] else "c2i"
+    if manifest.get("captions") is True:
+        return "t2i"
+    if manifest.get("captions") is False and (manifest.get("labels") is True or manifest.get("classes")):
+        return "c2i"
     first = _peek_first(paths[0]) if paths else None
     meta = None
     if first is not None and "json" in first:
@@ -588,10 +599,15 @@ def _check_vocab(i: int, task: str, manifest: dict, vocab, where: str) -> None:
         raise ValueError(f"data.sources[{i}] ({where}) task {task!r} needs text pieces but the vocabulary has "
                          f"no text model (set data.text_model)")
     vq = manifest.get("vq")
-    if task != "text" and isinstance(vq, dict) and isinstance(vq.get("codebook_size"), int) \
-            and vq["codebook_size"] != vocab.codebook_size:
-        raise ValueError(f"data.sources[{i}] ({where}) codes come from a codebook of {vq['codebook_size']}, "
-                         f"the vocabulary has {vocab.codebook_size}")
+    if task != "text" and isinstance(vq, dict):
+        if isinstance(vq.get("codebook_size"), int) and vq["codebook_size"] != vocab.codebook_size:
+            raise ValueError(f"data.sources[{i}] ({where}) codes come from a codebook of {vq['codebook_size']}, "
+                             f"the vocabulary has {vocab.codebook_size}")
+        theirs = vq.get("vq_sha256") or vq.get("sha256")
+        mine = getattr(vocab, "vq_sha256", None)
+        if isinstance(theirs, str) and isinstance(mine, str) and theirs != mine:
+            raise ValueError(f"data.sources[{i}] ({where}) codes come from VQ weights {theirs[:12]}..., the "
+                             f"vocabulary names {mine[:12]}...")
 
 
 def build_webdataset_source(data_cfg, vocab, seq_length: int, micro_batch_size: int, dp_rank: int = 0,

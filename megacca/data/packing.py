@@ -44,14 +44,14 @@ class BadSample(ValueError):
 
 def _sample(parts: Sequence[tuple[Sequence[int], int]]) -> TokenSample:
     """Concatenate ``(ids, is_target)`` parts into one ``(ids, target)`` sample."""
-    ids = np.fromiter((t for p, _ in parts for t in p), dtype=np.int64)
-    tgt = np.concatenate([np.full(len(p), m, dtype=np.uint8) for p, m in parts]) if parts else \
-        np.zeros(0, np.uint8)
-    ids32 = ids.astype(np.int32)
-    if ids32.size and (ids32 != ids).any():
-        raise BadSample("token id does not fit int32", "bad_codes")
+    arrays = [np.asarray(p, dtype=np.int64).reshape(-1) for p, _ in parts]
+    ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    tgt = np.concatenate([np.full(len(a), m, dtype=np.uint8) for a, (_, m) in zip(arrays, parts)]) if arrays \
+        else np.zeros(0, np.uint8)
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+        raise BadSample("token id outside int32", "bad_codes")
     tgt[:1] = 0
-    return ids32, tgt
+    return ids.astype(np.int32), tgt
 
 
 def _image(vocab, codes) -> list[int]:

@@ -33,7 +33,6 @@ import tarfile
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
-import webdataset
 
 FORMAT = "megacca-shards/1"
 KINDS = ("images", "codes", "text", "pairs")
@@ -105,11 +104,17 @@ def _tar_size(nbytes: int) -> int:
     return 512 + ((nbytes + 511) // 512) * 512
 
 
+def _file_size(nbytes: int) -> int:
+    """Size of a tar file whose blocks (incl. the end marker) total ``nbytes``: padded to a whole record."""
+    return -(-nbytes // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class ShardWriter:
     """Write the samples of one split into ``<split>-NNNNNN.tar`` shards.
 
-    A new shard starts when the current one holds ``max_count`` samples or the next sample would push it
-    past ``max_bytes`` (a single sample bigger than ``max_bytes`` gets a shard of its own).  Keys must be
+    A new shard starts when the current one holds ``max_count`` samples or the next sample would make its
+    file (tar records are 10 KiB) bigger than ``max_bytes``; a sample that alone exceeds ``max_bytes`` gets
+    a shard of its own.  Keys must be
     unique within the split and must not contain ``.`` (WebDataset splits the member name at the first dot).
 
     Use as a context manager: a clean exit closes it, an exception aborts it (removes the temporary file
@@ -145,6 +150,8 @@ class ShardWriter:
     def _open_next(self) -> None:
         name = self._shard_name(len(self.shards))
         self._tmp = os.path.join(self.out_dir, f".{name}.tmp-{os.getpid()}")
+        import webdataset  # imported lazily: it pulls in torch (seconds), which readers do not need
+
         self._file = open(self._tmp, "wb")
         # Values are encoded by us (encoder=False); fixed mtime/owner/mode + USTAR make the bytes reproducible.
         self._tar = webdataset.TarWriter(self._file, user=_TAR_USER, group=_TAR_USER, mode=_TAR_MODE,
@@ -187,7 +194,7 @@ class ShardWriter:
             raise ValueError(f"sample {key!r} has no members")
         size = sum(_tar_size(len(v)) for v in members.values())
         if self._tar is not None and self._cur_count > 0 and (
-                self._cur_count >= self.max_count or self._cur_bytes + size > self.max_bytes):
+                self._cur_count >= self.max_count or _file_size(self._cur_bytes + size) > self.max_bytes):
             self._finish_current()
         if self._tar is None:
             self._open_next()

@@ -289,7 +289,7 @@ class UnifiedVocab:
             pieces.append(i - self.text_offset)
         return t.decode(pieces)
 
-    def _grid_for(self, shape: Optional[Sequence[int]], n: Optional[int] = None) -> tuple[int, int]:
+    def _grid_for(self, shape: Optional[Sequence[int]]) -> tuple[int, int]:
         if shape is not None:
             return int(shape[0]), int(shape[1])
         if self.image_grid is not None:
