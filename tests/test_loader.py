@@ -102,7 +102,8 @@ def write_dir(d, shards, kind="codes", classes=None, split="train"):
             entries.append({"name": name, "count": count, "sha256": hashlib.sha256(f.read()).hexdigest()})
     manifest = {"format": "megacca-shards/1", "kind": kind,
                 "splits": {split: {"count": sum(e["count"] for e in entries), "shards": entries}},
-                "classes": classes if classes is not None else ([str(i) for i in range(C)] if kind == "codes" else None),
+                "classes": classes if classes is not None else
+                ([str(i) for i in range(C)] if kind == "codes" else None),
                 "image_size": None, "vq": None, "source": "test"}
     with open(os.path.join(d, "manifest.json"), "w") as f:
         json.dump(manifest, f)
@@ -237,6 +238,24 @@ def test_i2t_and_text_layout(tmp_path):
     assert b["loss_mask"].tolist() == [[1, 1, 1, 0, 0]]
 
 
+def test_interleaved_layout_and_auto_task(tmp_path):
+    seg = {"segments": [{"text": "a"}, {"image": "img0"}, {"text": "b"}]}
+    s = {"__key__": "k0", "json": json.dumps(seg).encode(), "img0.codes.npy": npy(np.ones(GRID, int))}
+    d = write_dir(tmp_path / "a", [[s]])
+    b = next(build_webdataset_source(cfg(SourceConfig(path=str(d), task="interleaved")), StubVocab(), 12, 1,
+                                     seed=0))
+    a_, b_ = T0 + ord("a") % P, T0 + ord("b") % P
+    assert b["tokens"].tolist() == [[BOS, a_, BOI] + [I0 + 1] * 6 + [EOI, b_, EOS]]
+    assert b["loss_mask"].tolist() == [[1] + [0] * 8 + [1, 0, 0]]  # labels a and b: the text pieces only
+    # make_shards' manifest hint: captions=true -> t2i even with labels; captions=false + labels -> c2i
+    d = c2i_dir(tmp_path / "c", 1, 4)
+    m = json.load(open(d / "manifest.json"))
+    for hint, task in ((True, "t2i"), (False, "c2i")):
+        m.update(captions=hint, labels=True)
+        json.dump(m, open(d / "manifest.json", "w"))
+        assert build_webdataset_source(cfg(d), StubVocab(), 32, 1)._plan.sources[0].task == task
+
+
 def test_packing_rules():
     v = StubVocab()
     a, b_, c = text_tokens(v, [20, 21]), text_tokens(v, [22]), text_tokens(v, [23, 24, 25])  # 4, 3, 5 tokens
@@ -331,6 +350,11 @@ def zeroed_header(samples, key, ext) -> bytes:
     return bytes(raw)
 
 
+def cut_before(samples, key, ext) -> bytes:
+    raw = tar_bytes(samples)
+    return raw[:raw.index(f"{key}.{ext}".encode())]  # ends cleanly between members, no end-of-archive
+
+
 def truncated(samples, key, ext) -> bytes:
     raw = tar_bytes(samples)
     return raw[:raw.index(f"{key}.{ext}".encode()) + 512 + 40]  # cut inside the member's data
@@ -369,6 +393,7 @@ BAD = {  # name: (shards, reason, key named in the message, ids still read under
                            {0, 1, 2, 4, 5}),
     "corrupt_header": (lambda: [corrupt_header(good(), "000003", "json")], "corrupt_tar", "000003", {0, 1, 2}),
     "zeroed_header": (lambda: [zeroed_header(good(), "000003", "json")], "corrupt_tar", "000003", {0, 1, 2}),
+    "cut_at_member": (lambda: [cut_before(good(), "000003", "codes.npy")], "corrupt_tar", "000002", {0, 1, 2}),
     "truncated_tar": (lambda: [truncated(good(), "000003", "codes.npy")], "corrupt_tar", "000003", {0, 1, 2}),
     "empty_shard_file": (lambda: [good(), b""], "empty_shard", None, {0, 1, 2, 3, 4, 5}),
     "empty_tar": (lambda: [good(), tar_bytes([])], "empty_shard", None, {0, 1, 2, 3, 4, 5}),
@@ -407,7 +432,7 @@ def test_bad_input_skip_drops_and_counts(tmp_path, case):
     assert sorted(seen) == sorted(expect)
     counts = src.error_counts()
     assert counts.get(reason) == 1, counts
-    if case == "zeroed_header":  # the half-read sample before the damage is dropped too, counted as such
+    if case in ("zeroed_header", "corrupt_header"):  # sample 3 lost its json: dropped and counted as well
         assert counts == {"corrupt_tar": 1, "missing_field": 1}
     else:
         assert sum(counts.values()) == 1, counts

@@ -138,8 +138,10 @@ def train(paths: list[str], vocab_size: int, out_prefix: str, *, split: str = "t
             raise UsageError(f"no text found in {', '.join(paths)}")
         spm.set_random_generator_seed(seed)
         prefix = os.path.join(tmp, "spm")
+        # The model file records the trainer's input and model_prefix paths: train from inside the temporary
+        # folder with relative names so that the same corpus and flags give a byte-identical model.
         kwargs = dict(
-            input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
+            input="corpus.txt", model_prefix="spm", vocab_size=vocab_size, model_type=model_type,
             character_coverage=character_coverage, byte_fallback=byte_fallback,
             unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
             input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
@@ -148,7 +150,9 @@ def train(paths: list[str], vocab_size: int, out_prefix: str, *, split: str = "t
         )
         if model_type == "unigram":
             kwargs["hard_vocab_limit"] = hard_vocab_limit
+        cwd = os.getcwd()
         try:
+            os.chdir(tmp)
             spm.SentencePieceTrainer.Train(**kwargs)
         except (RuntimeError, OSError) as e:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
@@ -161,6 +165,8 @@ def train(paths: list[str], vocab_size: int, out_prefix: str, *, split: str = "t
                         + (", or use --model-type unigram without --hard-vocab-limit, where it is a soft limit)"
                            if model_type != "unigram" or hard_vocab_limit else ")"))
             raise UsageError(f"sentencepiece training failed: {msg}{hint}") from e
+        finally:
+            os.chdir(cwd)
         for ext in (".model", ".vocab"):
             os.replace(prefix + ext, out_prefix + ext)
     finally:

@@ -208,12 +208,15 @@ def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
             yield window.popleft().result()
 
 
-def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line; a malformed line is a UsageError naming file:line."""
+def iter_jsonl(path: str) -> Iterator[tuple[int, int, dict]]:
+    """(line number, byte offset, object) of each non-blank line; a malformed line is a UsageError naming
+    file:line."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
     with open(path, "rb") as f:
+        offset = 0
         for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
             if not raw.strip():
                 continue
             try:
@@ -224,7 +227,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
                 raise UsageError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+            yield lineno, start, obj
 
 
 def field_str(obj: dict, name: str, where: str, allow_empty: bool = False) -> str:
@@ -313,7 +316,7 @@ def cmd_imagefolder(args) -> dict:
     if not os.path.isdir(args.images):
         raise UsageError(f"--images {args.images}: no such directory")
     records = []
-    for lineno, obj in iter_jsonl(args.captions):
+    for lineno, _, obj in iter_jsonl(args.captions):
         where = f"{args.captions}:{lineno}"
         f = field_str(obj, "file", where)
         path = os.path.join(args.images, f)
@@ -434,25 +437,9 @@ def _scan(paths: list[str], check: Callable[[dict, str, str], bool]) -> list[tup
     """Validate every line of every jsonl file; returns (path, line number, byte offset) per sample."""
     index = []
     for path in paths:
-        if not os.path.isfile(path):
-            raise UsageError(f"{path}: no such file")
-        with open(path, "rb") as f:
-            offset = 0
-            for lineno, raw in enumerate(f, 1):
-                start, offset = offset, offset + len(raw)
-                if not raw.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise UsageError(f"{where}: not UTF-8 ({e.reason})") from None
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise UsageError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                if check(obj, where, path):
-                    index.append((path, lineno, start))
+        for lineno, offset, obj in iter_jsonl(path):
+            if check(obj, f"{path}:{lineno}", path):
+                index.append((path, lineno, offset))
     return index
 
 

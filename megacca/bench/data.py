@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tempfile
@@ -183,7 +182,8 @@ def bench_consumer(vocab_size: int, layers: int, hidden: int, heads: int, seq: i
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="megacca bench data", description=__doc__.split("\n")[0])
     ap.add_argument("--shards", default=None, help="codes shard directory to read (default: generate random codes)")
-    ap.add_argument("--vocab", default=None, help="vocab.json for --shards (default: class vocabulary from its manifest)")
+    ap.add_argument("--vocab", default=None,
+                    help="vocab.json for --shards (default: a class vocabulary from its manifest)")
     ap.add_argument("--text-model", default=None, help="sentencepiece model for --vocab")
     ap.add_argument("--samples", type=int, default=4096, help="generated samples")
     ap.add_argument("--per-shard", type=int, default=256, help="generated samples per shard")

@@ -326,6 +326,8 @@ def _load_unit(plan: _Plan, src: _Source, epoch: int, unit: tuple[int, int, int]
             groups.append(fit_sample(tok, plan.seq_length, has_image))
         except BadSample as e:
             _bad(plan, BadSample(f"{path}: sample key {key!r}: {e}", e.reason, path, key), errors)
+        except Exception as e:  # not a known kind of bad input: a bug or an unforeseen case, never skipped
+            raise RuntimeError(f"{path}: sample key {key!r}: {type(e).__name__}: {e}") from e
     if plan.shuffle_buffer > 1 and len(groups) > 1:
         shuffle_seed = np.random.SeedSequence([plan.seed & _SEED_MASK, _TAG_SHUF, src.index, epoch, shard_idx,
                                                stride, offset]).generate_state(2, np.uint64)
@@ -497,8 +499,8 @@ class WebDatasetSource:
         naming the keys (the stream cannot continue exactly under another layout).
         """
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a loader state (format {state.get('format') if isinstance(state, dict) else state!r}, "
-                             f"expected {STATE_FORMAT!r})")
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a loader state (format {got!r}, expected {STATE_FORMAT!r})")
         mine, theirs = self._plan.fingerprint(), state.get("fingerprint", {})
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
@@ -595,9 +597,11 @@ def _check_vocab(i: int, task: str, manifest: dict, vocab, where: str) -> None:
         names = list(getattr(vocab, "class_names", None) or [])
         if classes is not None and names and list(classes) != names:
             raise ValueError(f"data.sources[{i}] ({where}): class names differ from the vocabulary's")
-    if task in ("t2i", "i2t", "text", "interleaved") and not getattr(vocab, "text_size", 0):
+    if task in ("t2i", "i2t", "text", "interleaved") and (not getattr(vocab, "text_size", 0)
+                                                          or getattr(vocab, "text", True) is None):
         raise ValueError(f"data.sources[{i}] ({where}) task {task!r} needs text pieces but the vocabulary has "
-                         f"no text model (set data.text_model)")
+                         f"no text model {'attached' if getattr(vocab, 'text_size', 0) else ''} "
+                         f"(set data.text_model)")
     vq = manifest.get("vq")
     if task != "text" and isinstance(vq, dict):
         if isinstance(vq.get("codebook_size"), int) and vq["codebook_size"] != vocab.codebook_size:

@@ -64,16 +64,15 @@ class MegatronEngine:
 
         return out, loss_func
 
-    def train_step(self, micro_batches: list[dict], step: int) -> StepResult:
+    def forward_backward(self, micro_batches: list[dict]) -> tuple[float, float]:
+        """Gradients of the global-batch token-mean loss into the DDP grad buffers (`param.main_grad`).
+        Returns (loss, loss tokens)."""
         cfg = self.cfg
         n_tokens = global_loss_tokens(micro_batches).item()
         num_mb = len(micro_batches)
         # The schedule divides each micro-batch loss by num_mb and DDP averages over dp; undo both so the
         # gradient is that of (sum of all loss-token NLLs) / (loss tokens in the global batch).
         scale = parallel_state.get_data_parallel_world_size() * num_mb / n_tokens
-        lr = lr_at(step, cfg.optim, cfg.train.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
@@ -81,9 +80,15 @@ class MegatronEngine:
             data_iterator=iter([batch_to(mb, self._device) for mb in micro_batches]),
             model=[self.ddp], num_microbatches=num_mb, seq_length=cfg.model.seq_length,
             micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
-        _, grad_norm, _ = self.optimizer.step()
         local = sum((d["loss_sum"].double() for d in losses), torch.zeros((), dtype=torch.float64))
-        loss = reduce_loss_sum(local, only_last_stage=True) / n_tokens
+        return reduce_loss_sum(local, only_last_stage=True) / n_tokens, n_tokens
+
+    def train_step(self, micro_batches: list[dict], step: int) -> StepResult:
+        lr = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, n_tokens = self.forward_backward(micro_batches)
+        _, grad_norm, _ = self.optimizer.step()
         return StepResult(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                           lr=lr, tokens=int(n_tokens))
 
