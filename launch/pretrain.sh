@@ -27,12 +27,14 @@ if [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ]; then
   exec "$PY" -m megacca ${ENTRY#megacca } ${args[@]+"${args[@]}"}
 fi
 
-# Not under a launcher: become one. Validate the config first (exit 2 on a bad one, before spawning ranks).
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))' 2>/dev/null || echo 1)
-fi
+# Not under a launcher. Validate the config first (exit 2 on a bad one, before any rank starts).
+read -r NGPU <<< "$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+NPROC="${NPROC:-$(( NGPU > 0 ? NGPU : 1 ))}"
 WORLD_SIZE="$NPROC" "$PY" -m megacca config "$@" > /dev/null
-if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+if [ "$NPROC" = 1 ] && [ -z "${MEGACCA_FORCE_LAUNCHER:-}" ]; then
+  exec "$PY" -m megacca ${ENTRY#megacca } "$@"  # one rank needs no launcher
+fi
+if [ "$NGPU" = 0 ]; then
   # The deepspeed launcher only pins threads with numactl; without it N CPU ranks would oversubscribe.
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 fi

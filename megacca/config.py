@@ -201,6 +201,8 @@ def _coerce(key: str, tp, value):
                 errors.append(e)
         raise errors[0] if errors else ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args:  # `progress_bar: off` in a YAML file
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(key, f"must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
@@ -219,6 +221,11 @@ def _coerce(key: str, tp, value):
             raise ConfigError(key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
         return float(value)
@@ -261,6 +268,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw  # YAML 1.1 reads on/off/yes/no as booleans; on the command line they are words
     return key.strip().split("."), value
 
 

@@ -15,7 +15,6 @@ import argparse
 import io
 import json
 import math
-import os
 import sys
 import tarfile
 import time
@@ -27,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 TRAIN_DEFAULTS = {
     "steps": 1500, "batch_size": 64, "lr": 2e-3, "min_lr_ratio": 0.05, "warmup_steps": 50,
-    "weight_decay": 0.0, "betas": [0.9, 0.99], "grad_clip": 1.0, "seed": 0, "threads": 2, "max_time_s": 0.0,
+    "weight_decay": 0.0, "betas": [0.9, 0.99], "grad_clip": 1.0, "seed": 0, "threads": 1, "max_time_s": 0.0,
     "log_every": 100, "kmeans_init": True, "kmeans_images": 1024, "kmeans_iters": 10,
     "dead_code_every": 50, "dead_code_until": 0.8,
 }
@@ -152,7 +151,8 @@ def load_split(data_dir: Path, split: str, vq_cfg, required: bool):
     for sh in shards:
         for s in iter_tar_samples(sh):
             if "png" not in s:
-                raise UsageError(f"{sh.name}: sample {s['__key__']!r} has no .png (is {data_dir} an `images` shard dir?)")
+                raise UsageError(f"{sh.name}: sample {s['__key__']!r} has no .png "
+                                 f"(is {data_dir} an `images` shard dir?)")
             try:
                 imgs.append(preprocess(Image.open(io.BytesIO(s["png"])), vq_cfg))
             except Exception as e:  # noqa: BLE001 - name the bad sample
@@ -165,12 +165,12 @@ def load_split(data_dir: Path, split: str, vq_cfg, required: bool):
 # --------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------
-def lr_at(step: int, t: dict) -> float:
+def lr_at(step: int, progress: float, t: dict) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio as `progress` goes 0 → 1."""
     if step < t["warmup_steps"]:
         return t["lr"] * (step + 1) / t["warmup_steps"]
-    frac = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])
     lo = t["lr"] * t["min_lr_ratio"]
-    return lo + 0.5 * (t["lr"] - lo) * (1 + math.cos(math.pi * min(1.0, frac)))
+    return lo + 0.5 * (t["lr"] - lo) * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 def evaluate(model, images, batch_size: int):
@@ -197,7 +197,7 @@ def evaluate(model, images, batch_size: int):
 
 
 def save_grid(model, images, path: Path, n: int):
-    """Pairs of rows (8 images each): originals above their reconstructions, 4x nearest upscale for viewing."""
+    """Pairs of rows (8 images each): originals above their reconstructions, 4x nearest upscale, gray gaps."""
     import numpy as np
     import torch
     from PIL import Image
@@ -208,15 +208,17 @@ def save_grid(model, images, path: Path, n: int):
     with torch.no_grad():
         r = model.decode(model.encode(x))
     a, b = to_uint8(x), to_uint8(r)
-    per = 8
-    blank = np.zeros_like(a[0])
-    rows = []
-    for i in range(0, len(a), per):
-        for src in (a, b):
-            row = list(src[i: i + per]) + [blank] * (per - len(src[i: i + per]))
-            rows.append(np.concatenate(row, axis=1))
-    g = np.concatenate(rows, axis=0)
-    Image.fromarray(g).resize((g.shape[1] * 4, g.shape[0] * 4), Image.NEAREST).save(path)
+    per, gap, s = 8, 2, 4
+    tile = a.shape[1] * s
+    nrow = (len(a) + per - 1) // per
+    g = np.full((nrow * (2 * (tile + gap) + 3 * gap), per * (tile + gap), 3), 96, np.uint8)  # gray separators
+    for i in range(len(a)):
+        r, c = divmod(i, per)
+        y0, x0 = r * (2 * (tile + gap) + 3 * gap), c * (tile + gap)
+        for j, src in enumerate((a, b)):
+            big = src[i].repeat(s, 0).repeat(s, 1)
+            g[y0 + j * (tile + gap): y0 + j * (tile + gap) + tile, x0: x0 + tile] = big
+    Image.fromarray(g).save(path)
 
 
 def train(config_path: str, data_dir: str, out_dir: str, log=print) -> dict:
@@ -262,17 +264,33 @@ def train(config_path: str, data_dir: str, out_dir: str, log=print) -> dict:
     perm, pos = torch.randperm(N, generator=gen), 0
     hist, acc, acc_n, reseeded = [], {}, 0, 0
     start, step = time.time(), 0
-    stopped_early = False
+    stopped_early, steps_done, lr = False, 0, 0.0
+    w = t["warmup_steps"]
+
+    def flush_log():
+        nonlocal acc, acc_n
+        el = time.time() - start
+        rec = {"step": steps_done, **{k: v / acc_n for k, v in acc.items()}, "lr": lr, "elapsed_s": round(el, 1)}
+        hist.append(rec)
+        log(f"step {steps_done:5d}/{t['steps']}  loss {rec['loss']:.4f}  recon {rec['recon']:.4f}  "
+            f"commit {rec['commit']:.4f}  codebook {rec['codebook']:.4f}  lr {lr:.2e}  "
+            f"reseeded {reseeded}  {steps_done / el:.1f} it/s  {el:.0f}s")
+        acc, acc_n = {}, 0
     for step in range(t["steps"]):
-        if t["max_time_s"] > 0 and time.time() - start > t["max_time_s"]:
-            stopped_early = True
-            log(f"time budget of {t['max_time_s']:.0f}s spent at step {step}; stopping")
-            break
+        # progress through the decay: by steps, or by wall time when max_time_s is set and binds first, so a
+        # slow (shared) machine still ends with a fully decayed learning rate inside the budget
+        progress = (step - w) / max(1, t["steps"] - w)
+        if t["max_time_s"] > 0 and step >= w:
+            progress = max(progress, (time.time() - start) / t["max_time_s"])
+            if progress >= 1.0:
+                stopped_early = True
+                log(f"time budget of {t['max_time_s']:.0f}s spent at step {step}; stopping")
+                break
         if pos + bs > N:
             perm, pos = torch.randperm(N, generator=gen), 0
         x = train_x[perm[pos: pos + bs]]
         pos += bs
-        lr = lr_at(step, t)
+        lr = lr_at(step, progress, t)
         for g in opt.param_groups:
             g["lr"] = lr
         _, losses, codes = model(x, return_codes=True)
@@ -288,18 +306,14 @@ def train(config_path: str, data_dir: str, out_dir: str, log=print) -> dict:
 
         every = t["dead_code_every"]
         if every > 0 and (step + 1) % every == 0:
-            if step + 1 <= t["dead_code_until"] * t["steps"]:
+            if progress <= t["dead_code_until"]:
                 reseeded += q.reinit_codes(window == 0, random_latents(max(1024, K)), generator=gen)
             window.zero_()
-        if (step + 1) % t["log_every"] == 0 or step + 1 == t["steps"]:
-            el = time.time() - start
-            rec = {"step": step + 1, **{k: v / acc_n for k, v in acc.items()}, "lr": lr, "elapsed_s": round(el, 1)}
-            hist.append(rec)
-            log(f"step {step + 1:5d}/{t['steps']}  loss {rec['loss']:.4f}  recon {rec['recon']:.4f}  "
-                f"commit {rec['commit']:.4f}  codebook {rec['codebook']:.4f}  lr {lr:.2e}  "
-                f"reseeded {reseeded}  {(step + 1) / el:.1f} it/s  {el:.0f}s")
-            acc, acc_n = {}, 0
-    steps_done = step + 1 if not stopped_early else step
+        steps_done = step + 1
+        if steps_done % t["log_every"] == 0 or steps_done == t["steps"]:
+            flush_log()
+    if acc_n:  # stopped by the time budget inside a log window
+        flush_log()
     train_time = time.time() - start
 
     out = Path(out_dir)

@@ -45,7 +45,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +145,8 @@ class VQConfig:
              and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.ch_mult),
              f"ch_mult must be a non-empty list of positive ints, got {self.ch_mult!r}")
         for c in [self.ch] + [self.ch * m for m in self.ch_mult]:
-            need(c % self.norm_groups == 0, f"channel count {c} (ch * ch_mult) not divisible by norm_groups={self.norm_groups}")
+            need(c % self.norm_groups == 0,
+                 f"channel count {c} (ch * ch_mult) not divisible by norm_groups={self.norm_groups}")
         need(self.image_size % self.downsample == 0,
              f"image_size {self.image_size} not divisible by the downsampling factor {self.downsample}")
         need(self.codebook_size <= 2 ** 31 - 1, "codebook_size too large")
@@ -186,7 +186,7 @@ def vq16(**overrides) -> VQConfig:
 def tiny(**overrides) -> VQConfig:
     """A small CPU-trainable tokenizer for 16x16 images (e.g. upscaled 8x8 digits) → 4x4 codes of 512."""
     cfg = VQConfig(codebook_size=512, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=False,
-                   commit_loss_beta=0.25, entropy_loss_ratio=0.0, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1,
+                   commit_loss_beta=0.25, entropy_loss_ratio=0.0, ch=32, ch_mult=[1, 1, 2], num_res_blocks=1,
                    z_channels=64, dropout_p=0.0, norm_groups=8, image_size=16)
     return dataclasses.replace(cfg, **overrides).validate()
 
