@@ -6,6 +6,7 @@
 #   deepspeed [--num_gpus N | --hostfile H] launch/pretrain.sh CONFIG [key=value ...]
 #   bash launch/pretrain.sh CONFIG [key=value ...]    # becomes the launcher itself, NPROC ranks
 #   NPROC=2 bash launch/pretrain.sh configs/pretrain/debug.yaml parallel.tp=2
+#   MEGACCA_LAUNCHER=torchrun NPROC=8 bash launch/pretrain.sh ...   # torchrun instead of the deepspeed launcher
 # Multi-node without ssh: one launcher per node, e.g. under srun:
 #   deepspeed --no_ssh --node_rank $SLURM_NODEID --num_nodes $SLURM_NNODES --master_addr $HEAD \
 #             --master_port 29500 --num_gpus 8 launch/pretrain.sh CONFIG ...
@@ -28,7 +29,8 @@ if [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ]; then
 fi
 
 # Not under a launcher. Validate the config first (exit 2 on a bad one, before any rank starts).
-read -r NGPU <<< "$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+NGPU=0
+if command -v nvidia-smi > /dev/null 2>&1; then NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
 NPROC="${NPROC:-$(( NGPU > 0 ? NGPU : 1 ))}"
 WORLD_SIZE="$NPROC" "$PY" -m megacca config "$@" > /dev/null
 if [ "$NPROC" = 1 ] && [ -z "${MEGACCA_FORCE_LAUNCHER:-}" ]; then
@@ -38,7 +40,11 @@ if [ "$NGPU" = 0 ]; then
   # The deepspeed launcher only pins threads with numactl; without it N CPU ranks would oversubscribe.
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 fi
-exec "$PY" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "${MASTER_PORT:-$((29500 + RANDOM % 1000))}" "$0" "$@"
+PORT="${MASTER_PORT:-$((29500 + RANDOM % 1000))}"
+if [ "${MEGACCA_LAUNCHER:-deepspeed}" = torchrun ]; then
+  exec "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "$PORT" "$0" "$@"
+fi
+exec "$PY" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "$PORT" "$0" "$@"
 ":"""
 # Python side: the deepspeed launcher ran this file with python; hand it back to bash with the same args.
 import os

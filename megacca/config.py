@@ -387,12 +387,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.tp", f"num_query_groups={groups} is not divisible by tp={par.tp}")
     if m.ffn_hidden_size % par.tp:
         raise ConfigError("parallel.tp", f"ffn_hidden_size={m.ffn_hidden_size} is not divisible by tp={par.tp}")
+    if par.engine == "deepspeed" and par.pp > 1:
+        raise ConfigError("parallel.pp", "pp>1 needs parallel.engine=megatron (the deepspeed engine has no pipeline)")
     if m.num_layers % par.pp:
         raise ConfigError("parallel.pp", f"num_layers={m.num_layers} is not divisible by pp={par.pp}")
     if world % (par.tp * par.pp):
         raise ConfigError("parallel.tp", f"world size {world} is not divisible by tp*pp={par.tp * par.pp}")
-    if par.engine == "deepspeed" and par.pp > 1:
-        raise ConfigError("parallel.pp", "pp>1 needs parallel.engine=megatron (the deepspeed engine has no pipeline)")
     if par.engine == "deepspeed" and par.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", f"must be 0, 1, 2 or 3; got {par.zero_stage}")
     if par.engine == "megatron" and par.zero_stage not in (0, 1):

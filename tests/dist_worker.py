@@ -84,11 +84,10 @@ def full_logits(model, tokens, cfg) -> torch.Tensor | None:
 
 def main() -> None:
     from safetensors.torch import save_file
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from megacca.distributed.init import init_distributed, shutdown
-    from megacca.distributed.megatron_engine import MegatronEngine, load_model_weights
+    from megacca.distributed.megatron_engine import MegatronEngine, load_model_weights, save_dist_checkpoint
 
     scenario, out, tp, pp, sp = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
     src = sys.argv[6] if len(sys.argv) > 6 else None
@@ -97,7 +96,6 @@ def main() -> None:
     tag = f"tp{tp}pp{pp}sp{int(sp)}"
     engine = MegatronEngine(cfg)
     model = engine.model
-    rank = dist.get_rank()
     write = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     stage = ps.get_pipeline_model_parallel_rank()
     mbs = batches(cfg)
@@ -112,8 +110,7 @@ def main() -> None:
     if ref.exists():
         load_model_weights(model, ref)
     else:
-        ref.mkdir(parents=True)
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(ref))
+        save_dist_checkpoint({"model": model.sharded_state_dict()}, ref)
     for p in model.parameters():
         p._tp, p._partition_dim = getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", 0)
     loss, _ = engine.forward_backward(mbs)
@@ -129,9 +126,7 @@ def main() -> None:
             tensors["logits"] = logits.contiguous()
         save_file(tensors, str(out / f"{tag}.stage{stage}.safetensors"))
     engine.optimizer.step()
-    (out / f"{tag}_ckpt").mkdir(parents=True, exist_ok=True) if rank == 0 else None
-    dist.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(out / f"{tag}_ckpt"))
+    save_dist_checkpoint({"model": model.sharded_state_dict()}, out / f"{tag}_ckpt")
     logits = full_logits(model, mbs[0]["tokens"], cfg)
     if write and logits is not None:
         save_file({"logits": logits.contiguous()}, str(out / f"{tag}.after.safetensors"))

@@ -21,7 +21,7 @@ GB = ["train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=
 def test_pulse_two_ranks_tp2(tmp_path):
     """A 2-step run of the real launcher with 2 ranks and tp=2 writes everything a run should."""
     rd = tmp_path / "run"
-    p = train(rd, "parallel.tp=2", "train.max_steps=2", "train.save_every=1", nproc=2)
+    p = train(rd, "parallel.tp=2", "train.max_steps=2", "train.save_every=1", nproc=2, launcher="deepspeed")
     m = metrics(rd)
     assert [r["step"] for r in m] == [1, 2]
     for r in m:

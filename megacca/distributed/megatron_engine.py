@@ -9,6 +9,7 @@ another (`load_model_weights`).
 from __future__ import annotations
 
 import logging
+import queue
 from functools import partial
 from pathlib import Path
 
@@ -99,10 +100,7 @@ class MegatronEngine:
                 "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPT_META)}
 
     def save(self, ckpt_dir: Path) -> None:
-        if torch.distributed.get_rank() == 0:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-        torch.distributed.barrier()
-        dist_checkpointing.save(self._sharded(is_loading=False), str(ckpt_dir))
+        save_dist_checkpoint(self._sharded(is_loading=False), ckpt_dir)
 
     def load(self, ckpt_dir: Path) -> None:
         if self.cfg.parallel.zero_stage == 1:
@@ -132,6 +130,22 @@ class MegatronEngine:
                 (step,) = {g["step"] for g in saved["optimizer"]["param_groups"]}
                 for st in opt.optimizer.state.values():
                     st["step"] = torch.tensor(float(step))
+
+def save_dist_checkpoint(sharded_state: dict, ckpt_dir: str | Path) -> None:
+    """Synchronous megatron distributed checkpoint save into a new directory (every rank calls)."""
+    ckpt_dir = Path(ckpt_dir)
+    if torch.distributed.get_rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    # megatron's torch_dist writer collects results through a multiprocessing Manager queue, whose server
+    # process outlives a SIGKILLed trainer (keeping its stdout open, so launchers and pipes never see EOF).
+    # Our saves are synchronous: the writer runs in this process, and a plain in-process queue suffices.
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(sharded_state, str(ckpt_dir))
+
 
 def load_model_weights(model, ckpt_dir: str | Path) -> None:
     """Load only the model from a megatron distributed checkpoint, at this process's tp/pp layout."""

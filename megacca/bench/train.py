@@ -1,0 +1,116 @@
+"""`megacca bench train`: tokens/s of megacca training steps next to a plain-PyTorch loop of the same model.
+
+For each preset, in one process, alternating so that machine noise hits both alike: the DeepSpeed engine
+(tp=1, ZeRO-0, the configured precision) over the megatron-core model, and `megacca.bench.reference` (same
+shapes, same loss, AdamW, clipping). Prints per-preset tokens/s, step time and the ratio; on a GPU also
+TFLOP/s and MFU. The last line is the step-time ratio megacca/reference of the largest preset measured.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from megacca.config import load_config
+from megacca.data.synthetic import SyntheticSource
+from megacca.model.flops import peak_tflops, train_flops_per_token
+
+SHAPES = {  # micro-batch and sequence length per preset for the benchmark
+    "debug": dict(mb=8, seq=128),
+    "small": dict(mb=4, seq=256),
+}
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time(step_fn, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step_fn()
+    times = []
+    for _ in range(steps):
+        _sync()
+        t0 = time.perf_counter()
+        step_fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_preset(preset: str, steps: int, warmup: int, precision: str, rounds: int) -> dict:
+    from megacca.bench.reference import ReferenceTrainer
+    from megacca.distributed.deepspeed_engine import DeepSpeedEngine
+    from megacca.distributed.engine import batch_to, device
+
+    shape = SHAPES.get(preset, dict(mb=4, seq=256))
+    cfg = load_config(None, [f"model.preset={preset}", f"train.micro_batch_size={shape['mb']}",
+                             f"model.seq_length={shape['seq']}", f"train.precision={precision}",
+                             "train.tensorboard=false", "train.run_dir=/tmp/megacca-bench"])
+    dev = device()
+    data = SyntheticSource(cfg.model.vocab_size, cfg.model.seq_length, shape["mb"], 0, 1, seed=0)
+    batches = [batch_to(next(data), dev) for _ in range(4)]
+    engine = DeepSpeedEngine(cfg)
+    ref = ReferenceTrainer(cfg)
+    if torch.cuda.is_available():
+        ref.model.to(dev, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    i = {"n": 0}
+
+    def ours():
+        engine.train_step([batches[i["n"] % 4]], step=i["n"])
+        i["n"] += 1
+
+    def theirs():
+        ref.train_step([batches[i["n"] % 4]])
+        i["n"] += 1
+
+    t_ours, t_ref = [], []
+    for r in range(rounds):  # interleave rounds: both see the same background load
+        t_ours += _time(ours, steps, warmup if r == 0 else 1)
+        t_ref += _time(theirs, steps, warmup if r == 0 else 1)
+    tokens = shape["mb"] * cfg.model.seq_length
+    m_ours, m_ref = statistics.median(t_ours), statistics.median(t_ref)
+    out = dict(preset=preset, params=sum(p.numel() for p in engine.model.parameters()), tokens=tokens,
+               ours_ms=1000 * m_ours, ref_ms=1000 * m_ref, ours_tps=tokens / m_ours, ref_tps=tokens / m_ref,
+               ratio=m_ours / m_ref)
+    peak = peak_tflops()
+    if peak:
+        tflops = train_flops_per_token(cfg) * tokens / m_ours / 1e12
+        out.update(tflops=tflops, mfu=tflops / peak)
+    del engine
+    return out
+
+
+def consumption_rate(preset: str, steps: int = 5) -> float:
+    """Tokens/s that a megacca training step of `preset` consumes (used by `megacca bench data`)."""
+    return bench_preset(preset, steps, warmup=2, precision="fp32", rounds=1)["ours_tps"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megacca bench train", description=__doc__)
+    ap.add_argument("--presets", default="debug,small", help="comma-separated model presets")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
+    args = ap.parse_args(argv)
+    from megacca.distributed.init import init_distributed, shutdown
+
+    init_distributed(1, 1, seed=0, use_deepspeed=True)
+    results = []
+    try:
+        for preset in args.presets.split(","):
+            r = bench_preset(preset, args.steps, args.warmup, args.precision, args.rounds)
+            results.append(r)
+            extra = f" | {r['tflops']:.1f} TFLOP/s | MFU {100 * r['mfu']:.1f}%" if "tflops" in r else ""
+            print(f"{preset:>6} ({r['params'] / 1e6:.1f}M params, {r['tokens']} tokens/step): "
+                  f"megacca {r['ours_tps']:,.0f} tok/s ({r['ours_ms']:.1f} ms) | "
+                  f"reference {r['ref_tps']:,.0f} tok/s ({r['ref_ms']:.1f} ms) | ratio {r['ratio']:.3f}{extra}",
+                  flush=True)
+    finally:
+        shutdown()
+    print(f"step-time ratio megacca/reference: {results[-1]['ratio']:.3f}")
+    return 0
