@@ -5,6 +5,7 @@ Layout:
         engine/                     the engine's own files (DeepSpeed ZeRO partitions, or a megatron
                                     distributed checkpoint), every rank writes its part
         trainer.json                step, consumed tokens, resolved config, vocabulary manifest
+        vocab.json                  the unified vocabulary manifest (when the run has one)
         rank_00000.json             per-rank data-loader position and Python/numpy RNG state
         rank_00000.safetensors      per-rank torch RNG states (CPU, CUDA, megatron's tracker)
     checkpoints/latest              the name of the newest complete checkpoint, written last
@@ -126,6 +127,8 @@ class CheckpointManager:
         write_json_atomic(tmp / f"rank_{r:05d}.json", {"data": data_state, "rng": meta})
         if r == 0:
             write_json_atomic(tmp / "trainer.json", trainer_state)
+            if trainer_state.get("vocab") is not None:  # the tokenizer contract travels with the weights
+                write_json_atomic(tmp / "vocab.json", trainer_state["vocab"])
         _barrier()
         if r == 0:
             _fsync_tree(tmp)

@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megacca: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - only the usage-type errors below are turned into one line
+        from megacca.data.shards import ShardManifestError
+        from megacca.tokenizer.vocab import VocabMismatchError
+
+        if isinstance(e, (VocabMismatchError, ShardManifestError, FileNotFoundError)):
+            print(f"megacca: error: {e}", file=sys.stderr)
+            return 2
+        raise
     print(f"megacca: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
 

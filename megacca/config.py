@@ -270,19 +270,35 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = raw
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw  # YAML 1.1 reads on/off/yes/no as booleans; on the command line they are words
-    return key.strip().split("."), value
+    path: list = []
+    for part in key.strip().split("."):  # `sources[0]` and `sources.0` both index a list
+        name, _, idx = part.partition("[")
+        if name:
+            path.append(int(name) if name.isdigit() else name)
+        if idx:
+            if not idx.endswith("]") or not idx[:-1].isdigit():
+                raise ConfigError(key, "list index must look like name[0]")
+            path.append(int(idx[:-1]))
+    return path, value
 
 
-def _set_dotted(tree: dict, path: list[str], value) -> None:
+def _set_dotted(tree: dict, path: list, value) -> None:
     node = tree
-    for i, part in enumerate(path[:-1]):
-        nxt = node.get(part)
+    for i, part in enumerate(path):
+        where = ".".join(map(str, path[: i + 1]))
+        last = i == len(path) - 1
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(where, "no such list element")
+        elif not isinstance(node, dict):
+            raise ConfigError(where, "is not a section; cannot set a sub-key")
+        if last:
+            node[part] = value
+            return
+        nxt = node[part] if isinstance(part, int) else node.get(part)
         if nxt is None:
             nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(".".join(path[: i + 1]), "is not a section; cannot set a sub-key")
         node = nxt
-    node[path[-1]] = value
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -337,7 +353,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
 
 
 def resolve_vocab(cfg: Config) -> None:
-    """Take the vocabulary size (and <boi> id) from the data manifest when one is configured."""
+    """Take the vocabulary size, the <boi> id and the image grid from the data manifest when one is configured."""
     if cfg.data.vocab is None:
         return
     import json
@@ -348,7 +364,12 @@ def resolve_vocab(cfg: Config) -> None:
     try:
         manifest = json.loads(p.read_text())
         cfg.model.vocab_size = int(manifest["vocab_size"])
-        cfg.model.boi_token_id = int(manifest["specials"]["boi"])
+        cfg.model.boi_token_id = int(manifest["specials"]["<boi>"])
+        grid = manifest.get("image_grid")
+        if grid:
+            if grid[0] != grid[1] and cfg.model.rope == "2d":
+                raise ConfigError("model.rope", f"2d rope needs square image grids; {p} has {grid}")
+            cfg.model.image_grid = int(grid[0])
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError("data.vocab", f"{p} is not a vocabulary manifest ({e})") from None
 

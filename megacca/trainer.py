@@ -6,6 +6,7 @@ with step k+1 on the micro-batch that would have come next.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -41,16 +42,17 @@ def vocab_manifest(cfg: Config) -> dict | None:
     return json.loads(Path(cfg.data.vocab).read_text())
 
 
-def check_vocab(saved: dict | None, current: dict | None, ckpt: Path) -> None:
+def check_vocab(saved: dict | None, cfg: Config, ckpt: Path) -> None:
     """A checkpoint trained on one vocabulary must not silently continue on another."""
-    if saved is None and current is None:
-        return
-    if saved != current:
-        from megacca.tokenizer.vocab import VocabMismatchError
+    from megacca.tokenizer.vocab import UnifiedVocab, VocabMismatchError
 
-        raise VocabMismatchError(
-            f"checkpoint {ckpt} was trained with a different vocabulary than data.vocab "
-            f"({'none' if current is None else 'the configured manifest'}); refusing to resume")
+    if saved is None and cfg.data.vocab is None:
+        return
+    if saved is None or cfg.data.vocab is None:
+        raise VocabMismatchError(f"{ckpt}: checkpoint vocabulary is {'absent' if saved is None else 'set'} but "
+                                 f"data.vocab is {cfg.data.vocab or 'not set'}")
+    # The checkpoint's manifest is the reference; the message names the configured one that differs.
+    UnifiedVocab(saved, source=str(ckpt)).check_compatible(vocab_manifest(cfg), where=f"{cfg.data.vocab} vs checkpoint {ckpt}")
 
 
 class Trainer:
@@ -75,15 +77,16 @@ class Trainer:
             save_config(cfg, run_dir / "config.yaml")
         if dist.is_initialized():
             dist.barrier()
+        ckpts = CheckpointManager(run_dir, tr.keep_last)
+        latest = ckpts.latest() if tr.resume else None
+        if latest is not None:  # before building anything: is this checkpoint ours to continue?
+            check_vocab(json.loads((latest / "trainer.json").read_text()).get("vocab"), cfg, latest)
         engine = build_engine(cfg)
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         data = self.build_data(cfg, dp_rank, dp_size)
-        ckpts = CheckpointManager(run_dir, tr.keep_last)
         step = 0
-        latest = ckpts.latest() if tr.resume else None
         if latest is not None:
             state, data_state = ckpts.load(latest, engine)
-            check_vocab(state.get("vocab"), vocab_manifest(cfg), latest)
             data.load_state_dict(data_state)
             step = state["step"]
             log.info("resumed from %s at step %d", latest, step)

@@ -42,11 +42,12 @@ class MegatronMpu:
 
 def ds_config(cfg: Config) -> dict:
     tr = cfg.train
+    engine_clips = not (cfg.parallel.zero_stage == 0 and tr.precision == "fp32")  # see train_step
     return {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum(),
         "train_batch_size": cfg.global_batch(),
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip if engine_clips else 0.0,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": tr.precision == "bf16"},
         # A plain torch AdamW needs no JIT-compiled kernel; DeepSpeed calls it "untested" but wraps it fine.
@@ -96,8 +97,10 @@ class DeepSpeedEngine:
             self.engine.backward(loss_sum * (scale / n_tokens.item()))
             if self.engine.is_gradient_accumulation_boundary() and self._norm_not_reported:
                 # DeepSpeed records the norm only for its own (ZeRO / mixed-precision) optimizers; here the
-                # grads are whole and already all-reduced, so take the norm (tp-aware) before it clips them.
-                norm = float(clip_grad_norm_(list(self.model.parameters()), float("inf"), mpu=MegatronMpu()))
+                # grads are whole and already all-reduced, so we clip (tp-aware) and keep the pre-clip norm,
+                # and DeepSpeed's own clipping is off (one norm pass instead of two).
+                norm = float(clip_grad_norm_(list(self.model.parameters()), self.cfg.optim.grad_clip or float("inf"),
+                                             mpu=MegatronMpu()))
             self.engine.step()
         if not self._norm_not_reported:
             norm = self.engine.get_global_grad_norm()
