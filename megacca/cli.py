@@ -1,7 +1,6 @@
 """`megacca` command line: train, config (print the resolved config), bench."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from megacca.data.config import DataConfig, SourceConfig  # noqa: F401  (part of the tree)
+from megacca.data.config import DataConfig  # the `data:` section of the tree
 
 
 class ConfigError(ValueError):

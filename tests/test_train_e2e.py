@@ -8,12 +8,10 @@ repeats the very same computation, so it is held to the issue's 1e-6.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 
-from conftest import losses, metrics, run, train
+from conftest import losses, metrics, train
 
 GB = ["train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=3", "train.save_every=0"]
 

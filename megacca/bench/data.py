@@ -4,11 +4,9 @@
 2. Runs the streaming loader (`megacca.data.loader`) with ``--workers`` DataLoader workers (default 2) and
    prints samples/s and tokens/s (tokens = ``micro_batch x seq_length`` per micro-batch, what a training step
    consumes, padding included; the share of non-pad tokens is printed too).
-3. Measures what training consumes, tokens/s of a forward+backward+AdamW step, for two model shapes:
-   ``debug`` (4 layers, hidden 256, 4 heads, seq 256, mb 4) and ``~20M`` (8 layers, hidden 512, 8 heads,
-   seq 512, mb 4). Until the megatron model is wired here, the consumer is a plain-PyTorch Llama-like
-   reference of those shapes (embedding, pre-norm RMSNorm layers with causal SDPA attention and SwiGLU
-   (ffn = 2 x hidden), lm head), on CUDA when available, else CPU.
+3. Measures what training consumes: tokens/s of megacca's own training step (DeepSpeed engine over the
+   megatron-core model, `megacca.bench.train`) for the ``debug`` and ``small`` (~20M) presets, and the VQ
+   encoder's images/s.
 4. Last line: ``loader/consumption ratio: R`` = loader tokens/s ÷ the faster consumer's tokens/s (> 1: the
    loader keeps up with even the faster model on this machine).
 """
@@ -24,8 +22,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -33,10 +29,7 @@ if __package__ in (None, ""):  # run as a script
 from megacca.data.config import DataConfig, SourceConfig  # noqa: E402
 from megacca.data.loader import build_webdataset_source  # noqa: E402
 
-CONSUMERS = {
-    "debug": dict(layers=4, hidden=256, heads=4, seq=256, mb=4),
-    "~20M": dict(layers=8, hidden=512, heads=8, seq=512, mb=4),
-}
+CONSUMERS = ("debug", "small")  # model presets whose training step the loader must outpace
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -102,80 +95,22 @@ def bench_loader(source, seconds: float, warmup: int = 2) -> dict:
             "non_pad_share": n_real / max(n_tokens, 1)}
 
 
-# --------------------------------------------------------------------------------------------- consumer
-class _Block(nn.Module):
-    def __init__(self, hidden: int, heads: int, ffn: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.RMSNorm(hidden, eps=1e-5), nn.RMSNorm(hidden, eps=1e-5)
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
-        self.proj = nn.Linear(hidden, hidden, bias=False)
-        self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False)
-        self.down = nn.Linear(ffn, hidden, bias=False)
+# --------------------------------------------------------------------------------------------- consumers
+def bench_vq_encode(vq_dir: Optional[str], images: int = 512, batch: int = 64) -> dict:
+    """Images/s of `VQModel.encode` (the trained tokenizer in `vq_dir`, else the tiny preset's shape)."""
+    from megacca.tokenizer.vq import VQModel, load_vq, tiny
 
-    def forward(self, x):
-        b, s, h = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, s, h))
-        g, u = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(g) * u)
-
-
-class RefLlama(nn.Module):
-    """Plain-PyTorch stand-in for the trainer's model (same matmul shapes, no rotary)."""
-
-    def __init__(self, vocab: int, layers: int, hidden: int, heads: int, ffn: int):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, hidden)
-        self.layers = nn.ModuleList(_Block(hidden, heads, ffn) for _ in range(layers))
-        self.norm = nn.RMSNorm(hidden, eps=1e-5)
-        self.head = nn.Linear(hidden, vocab, bias=False)
-
-    def forward(self, tokens):
-        x = self.emb(tokens)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(self.norm(x))
-
-
-def bench_consumer(vocab_size: int, layers: int, hidden: int, heads: int, seq: int, mb: int,
-                   min_steps: int, seconds: float, device: str) -> dict:
-    torch.manual_seed(0)
-    model = RefLlama(vocab_size, layers, hidden, heads, 2 * hidden).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_body = n_params - model.emb.weight.numel() - model.head.weight.numel()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, vocab_size, (mb, seq), device=device)
-    labels = torch.randint(0, vocab_size, (mb, seq), device=device)
-    mask = torch.ones(mb, seq, device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-
-    def step():
-        with amp:
-            logits = model(tokens)
-        loss = (F.cross_entropy(logits.float().view(-1, vocab_size), labels.view(-1), reduction="none")
-                * mask.view(-1)).sum() / mask.sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    step()  # warm-up (allocations, optimizer state)
-    sync()
-    steps, t0 = 0, time.perf_counter()
-    while True:
-        step()
-        steps += 1
-        sync()
+    model = load_vq(vq_dir) if vq_dir else VQModel(tiny(image_size=16, ch=32, ch_mult=[1, 1, 2]))
+    model.eval()
+    size = model.cfg.image_size
+    x = torch.rand(batch, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        model.encode(x)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(max(1, images // batch)):
+            model.encode(x)
         dt = time.perf_counter() - t0
-        if steps >= min_steps and (dt >= seconds or steps >= 50 * min_steps):
-            break
-    return {"params": n_params, "non_embedding_params": n_body, "steps": steps, "step_s": dt / steps,
-            "tokens_per_s": steps * mb * seq / dt}
+    return {"images_per_s": max(1, images // batch) * batch / dt, "image_size": size}
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -195,10 +130,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--shuffle-buffer", type=int, default=1000)
     ap.add_argument("--loader-seconds", type=float, default=6.0)
-    ap.add_argument("--model-seconds", type=float, default=4.0, help="time per consumer (at least --min-steps)")
-    ap.add_argument("--min-steps", type=int, default=1)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--skip-models", action="store_true", help="measure the loader only")
+    ap.add_argument("--vq", default=None, help="trained VQ directory for the encode rate (default: tiny preset)")
     args = ap.parse_args(argv)
 
     tmp = None
@@ -231,16 +164,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"loader_tokens_per_s: {r['tokens_per_s']:.1f}")
         if args.skip_models:
             return 0
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        from megacca.bench.train import consumption_rate
+        from megacca.distributed.init import init_distributed, shutdown
+
+        init_distributed(1, 1, seed=0, use_deepspeed=True)
         best = 0.0
-        for name, shape in CONSUMERS.items():
-            c = bench_consumer(vocab.vocab_size, shape["layers"], shape["hidden"], shape["heads"], shape["seq"],
-                               shape["mb"], args.min_steps, args.model_seconds, device)
-            print(f"consumer {name} ({shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads, "
-                  f"seq {shape['seq']}, mb {shape['mb']}; {c['params'] / 1e6:.1f}M params, "
-                  f"{c['non_embedding_params'] / 1e6:.1f}M non-embedding; reference model on {device}): "
-                  f"{c['step_s'] * 1e3:,.0f} ms/step, {c['tokens_per_s']:,.0f} tokens/s")
-            best = max(best, c["tokens_per_s"])
+        try:
+            for preset in CONSUMERS:
+                tps = consumption_rate(preset)
+                print(f"consumer: megacca training step, preset {preset} (DeepSpeed engine, tp=1): "
+                      f"{tps:,.0f} tokens/s")
+                best = max(best, tps)
+        finally:
+            shutdown()
+        v = bench_vq_encode(args.vq)
+        print(f"VQ encode ({'trained ' + args.vq if args.vq else 'tiny preset, random weights'}, "
+              f"{v['image_size']}px): {v['images_per_s']:,.0f} images/s")
         print(f"total bench time: {time.perf_counter() - t_start:.0f}s")
         print(f"loader/consumption ratio: {r['tokens_per_s'] / best:.2f}")
         return 0

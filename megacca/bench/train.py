@@ -80,7 +80,6 @@ def bench_preset(preset: str, steps: int, warmup: int, precision: str, rounds: i
     if peak:
         tflops = train_flops_per_token(cfg) * tokens / m_ours / 1e12
         out.update(tflops=tflops, mfu=tflops / peak)
-    del engine
     return out
 
 
