@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megacca.fileio import atomic_write_json, atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -51,15 +53,6 @@ def _fsync_tree(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -124,11 +117,11 @@ class CheckpointManager:
         tensors, meta = rng_state()
         r = _rank()
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rank_{r:05d}.safetensors"))
-        write_json_atomic(tmp / f"rank_{r:05d}.json", {"data": data_state, "rng": meta})
+        atomic_write_json(tmp / f"rank_{r:05d}.json", {"data": data_state, "rng": meta})
         if r == 0:
-            write_json_atomic(tmp / "trainer.json", trainer_state)
+            atomic_write_json(tmp / "trainer.json", trainer_state)
             if trainer_state.get("vocab") is not None:  # the tokenizer contract travels with the weights
-                write_json_atomic(tmp / "vocab.json", trainer_state["vocab"])
+                atomic_write_json(tmp / "vocab.json", trainer_state["vocab"])
         _barrier()
         if r == 0:
             _fsync_tree(tmp)
@@ -137,7 +130,7 @@ class CheckpointManager:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            write_json_atomic_text(self.root / "latest", name)
+            atomic_write_text(self.root / "latest", name + "\n")
             self._prune(keep=final)
         _barrier()
         log.info("saved checkpoint %s", final)
@@ -164,12 +157,3 @@ class CheckpointManager:
         per_rank = json.loads(rank_json.read_text())
         set_rng_state(load_file(str(path / f"rank_{r:05d}.safetensors")), per_rank["rng"])
         return trainer_state, per_rank["data"]
-
-
-def write_json_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -16,13 +16,14 @@ import io
 import json
 import math
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from megacca.data.shards import iter_tar  # noqa: E402
 
 TRAIN_DEFAULTS = {
     "steps": 1500, "batch_size": 64, "lr": 2e-3, "min_lr_ratio": 0.05, "warmup_steps": 50,
@@ -113,28 +114,6 @@ def load_config(path: str):
 # --------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------
-def iter_tar_samples(path: Path):
-    """Yield WebDataset samples {"__key__": key, ext: bytes} from one tar (members sharing a key are adjacent;
-    key = member path up to the first dot of its file name)."""
-    cur, key = None, None
-    with tarfile.open(path, "r") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            d, _, base = m.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            k = f"{d}/{stem}" if d else stem
-            if k != key:
-                if cur is not None:
-                    yield cur
-                cur, key = {"__key__": k}, k
-            cur[ext] = tf.extractfile(m).read()
-    if cur is not None:
-        yield cur
-
-
 def load_split(data_dir: Path, split: str, vq_cfg, required: bool):
     """All images of `split` as a float tensor [N, 3, S, S] in [-1, 1] (None if absent and not required)."""
     import torch
@@ -149,7 +128,7 @@ def load_split(data_dir: Path, split: str, vq_cfg, required: bool):
         return None
     imgs = []
     for sh in shards:
-        for s in iter_tar_samples(sh):
+        for s in iter_tar(str(sh)):
             if "png" not in s:
                 raise UsageError(f"{sh.name}: sample {s['__key__']!r} has no .png "
                                  f"(is {data_dir} an `images` shard dir?)")

@@ -19,7 +19,6 @@ Bad arguments or input → one-line error, exit code 2.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -33,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from megacca.data.shards import iter_tar  # noqa: E402
+from megacca.fileio import atomic_write_text, sha256_file  # noqa: E402
+
 PROGRESS_DIR = ".vq_encode"
 _NOT_COPIED = {"image_mode"}  # source-manifest fields that describe the pixels, not the codes
 SHARDS_FORMAT = "megacca-shards/1"
@@ -40,45 +42,6 @@ SHARDS_FORMAT = "megacca-shards/1"
 
 class UsageError(Exception):
     """Bad arguments or input: one line on stderr, exit code 2."""
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def iter_tar_samples(path: Path):
-    """Yield WebDataset samples {"__key__": key, ext: bytes}; members sharing a key are adjacent and the key is
-    the member path up to the first dot of its file name."""
-    cur, key = None, None
-    with tarfile.open(path, "r") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            d, _, base = m.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            k = f"{d}/{stem}" if d else stem
-            if k != key:
-                if cur is not None:
-                    yield cur
-                cur, key = {"__key__": k}, k
-            cur[ext] = tf.extractfile(m).read()
-    if cur is not None:
-        yield cur
 
 
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes):
@@ -137,7 +100,7 @@ def encode_shard(task: dict) -> dict:
             count += len(pending)
             pending.clear()
 
-        for s in iter_tar_samples(src):
+        for s in iter_tar(str(src)):
             key = s["__key__"]
             if "png" not in s:
                 raise UsageError(f"{src.name}: sample {key!r} has no .png member")
@@ -162,7 +125,7 @@ def encode_shard(task: dict) -> dict:
     os.replace(tmp, final)
     rec = {"name": name, "count": count, "sha256": sha256_file(final), "src_sha256": task["src_sha256"],
            "vq_sha256": task["vq_sha256"], "vq_config_sha256": task["vq_config_sha256"]}
-    _atomic_write_text(out_dir / PROGRESS_DIR / (name + ".json"), json.dumps(rec) + "\n")
+    atomic_write_text(out_dir / PROGRESS_DIR / (name + ".json"), json.dumps(rec) + "\n")
     return {**rec, "split": task["split"], "seconds": time.time() - t0}
 
 
@@ -291,7 +254,7 @@ def run(vq_dir: str, src_dir: str, out_dir: str, workers: int = 2, batch_size: i
         s = man["splits"].setdefault(split, {"count": 0, "shards": []})
         s["shards"].append({"name": name, "count": rec["count"], "sha256": rec["sha256"]})
         s["count"] += rec["count"]
-    _atomic_write_text(out / "manifest.json", json.dumps(man, indent=2) + "\n")
+    atomic_write_text(out / "manifest.json", json.dumps(man, indent=2) + "\n")
     rate = n_images / elapsed if elapsed > 0 and n_images else 0.0
     log(f"vq_encode: encoded {n_images} images in {elapsed:.1f}s ({rate:.1f} images/s); "
         f"skipped {len(plan) - len(todo)} complete shard(s); wrote {out / 'manifest.json'}")

@@ -24,13 +24,14 @@ Reading
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import re
 import tarfile
 from typing import Any, Iterator, Mapping, Optional
+
+from megacca.fileio import atomic_write_json, sha256_file  # noqa: F401  (re-exported)
 
 import numpy as np
 
@@ -54,34 +55,7 @@ class ShardManifestError(ValueError):
     """A shard directory's manifest is missing, unreadable or inconsistent (message names the path)."""
 
 
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as pretty JSON to ``path`` via a temporary file + rename (never half-written)."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+file_sha256 = sha256_file  # shard manifests call it by this name
 
 
 def encode_member(value: Any) -> bytes:

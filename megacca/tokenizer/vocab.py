@@ -55,6 +55,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `megacca` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megacca.fileio import atomic_write_json  # noqa: E402
 from megacca.tokenizer.text import TextTokenizer  # noqa: E402
 
 __all__ = ["UnifiedVocab", "VocabMismatchError", "FORMAT", "SPECIALS"]
@@ -186,21 +187,8 @@ class UnifiedVocab:
 
     def save(self, path: str) -> None:
         """Write the manifest as JSON atomically (temporary file + rename)."""
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self._manifest, f, indent=1, ensure_ascii=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write_json(path, self._manifest)
 
     def check_compatible(self, other_manifest: Union[dict, "UnifiedVocab"], where: str) -> None:
         """Raise ``VocabMismatchError`` naming ``where`` and the first differing field."""

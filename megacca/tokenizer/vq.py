@@ -43,9 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -54,6 +52,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from megacca.fileio import atomic_write_bytes, sha256_file  # noqa: F401  (sha256_file is part of this API)
 
 VQ_FORMAT = "megacca-vq/1"
 CONFIG_NAME = "config.json"
@@ -559,23 +559,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 # Save / load
 # --------------------------------------------------------------------------------------------------------------
-def sha256_file(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_vq(model: VQModel, directory: Union[str, Path]) -> Path:
     """Write `directory/config.json` and `directory/model.safetensors` (atomic per file)."""
     from safetensors.torch import save
@@ -583,9 +566,9 @@ def save_vq(model: VQModel, directory: Union[str, Path]) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(d / WEIGHTS_NAME, save(sd, metadata={"format": "pt", "megacca": VQ_FORMAT}))
+    atomic_write_bytes(d / WEIGHTS_NAME, save(sd, metadata={"format": "pt", "megacca": VQ_FORMAT}))
     cfg = {"format": VQ_FORMAT, **model.config.to_dict()}
-    _atomic_write_bytes(d / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode())
+    atomic_write_bytes(d / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode())
     return d
 
 
