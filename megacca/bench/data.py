@@ -102,7 +102,7 @@ def bench_vq_encode(vq_dir: Optional[str], images: int = 512, batch: int = 64) -
 
     model = load_vq(vq_dir) if vq_dir else VQModel(tiny(image_size=16, ch=32, ch_mult=[1, 1, 2]))
     model.eval()
-    size = model.cfg.image_size
+    size = model.config.image_size
     x = torch.rand(batch, 3, size, size) * 2 - 1
     with torch.no_grad():
         model.encode(x)  # warm-up
