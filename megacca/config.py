@@ -110,7 +110,7 @@ class TrainConfig:
     """Sequences per optimizer step over all ranks; None = micro_batch_size x data-parallel size.
     Must be a multiple of micro_batch_size x dp (the quotient is the gradient accumulation)."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Parameter/compute precision (bf16 keeps fp32 master weights)."""
+    """Parameter/compute precision. bf16 keeps fp32 master weights (deepspeed engine: zero_stage >= 1)."""
     resume: bool = True
     """Resume from checkpoints/latest when the run directory has one."""
     log_every: int = 1
@@ -416,8 +416,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.tp", f"world size {world} is not divisible by tp*pp={par.tp * par.pp}")
     if par.engine == "deepspeed" and par.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", f"must be 0, 1, 2 or 3; got {par.zero_stage}")
+    if par.engine == "deepspeed" and tr.precision == "bf16" and par.zero_stage == 0:
+        # DeepSpeed 0.19's ZeRO-0 bf16 path updates bf16 weights without fp32 master copies (its loss drifted
+        # 3e-3 from ZeRO-2 and megatron within 4 steps here); ZeRO-1 keeps fp32 master partitions.
+        raise ConfigError("parallel.zero_stage", "train.precision=bf16 with the deepspeed engine needs zero_stage >= 1 "
+                                                 "(ZeRO-0 bf16 has no fp32 master weights)")
     if par.engine == "megatron" and par.zero_stage not in (0, 1):
         raise ConfigError("parallel.zero_stage", "engine=megatron supports 0 (DDP) or 1 (DistributedOptimizer)")
+    if par.sequence_parallel and par.engine != "megatron":
+        # Norm weights see only a sequence shard; their grads need the tp all-reduce that megatron's grad
+        # finalisation does and DeepSpeed does not.
+        raise ConfigError("parallel.sequence_parallel", "needs parallel.engine=megatron")
     if par.sequence_parallel and par.tp == 1:
         raise ConfigError("parallel.sequence_parallel", "needs tp > 1")
     if par.sequence_parallel and m.seq_length % par.tp:

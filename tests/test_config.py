@@ -78,10 +78,13 @@ def test_round_trip_through_saved_yaml(tmp_path):
     (["parallel.zero_stage=4"], 1, "parallel.zero_stage"),
     (["parallel.engine=megatron", "parallel.zero_stage=2"], 1, "parallel.zero_stage"),
     (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2"], 2, "parallel.sequence_parallel"),  # deepspeed engine
+    (["parallel.engine=megatron", "parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
     (["train.global_batch_size=6"], 2, "train.global_batch_size"),
     (["train.max_steps=0"], 1, "train.max_steps"),
     (["train.max_steps=1.5"], 1, "train.max_steps"),
     (["train.precision=fp16"], 1, "train.precision"),
+    (["train.precision=bf16"], 1, "parallel.zero_stage"),  # deepspeed ZeRO-0 bf16 has no fp32 master weights
     (["model.rope=3d"], 1, "model.rope"),
     (["model.preset=huge"], 1, "model.preset"),
     (["optim.min_lr=1"], 1, "optim.min_lr"),

@@ -1,7 +1,7 @@
 """`megacca bench train`: tokens/s of megacca training steps next to a plain-PyTorch loop of the same model.
 
 For each preset, in one process, alternating so that machine noise hits both alike: the DeepSpeed engine
-(tp=1, ZeRO-0, the configured precision) over the megatron-core model, and `megacca.bench.reference` (same
+(tp=1; ZeRO-0 in fp32, ZeRO-1 in bf16) over the megatron-core model, and `megacca.bench.reference` (same
 shapes, same loss, AdamW, clipping). Prints per-preset tokens/s, step time and the ratio; on a GPU also
 TFLOP/s and MFU. The last line is the step-time ratio megacca/reference of the largest preset measured.
 """
@@ -49,6 +49,8 @@ def bench_preset(preset: str, steps: int, warmup: int, precision: str, rounds: i
     shape = SHAPES.get(preset, dict(mb=4, seq=256))
     cfg = load_config(None, [f"model.preset={preset}", f"train.micro_batch_size={shape['mb']}",
                              f"model.seq_length={shape['seq']}", f"train.precision={precision}",
+                             # bf16 needs fp32 master weights, which DeepSpeed keeps from ZeRO-1 on
+                             f"parallel.zero_stage={1 if precision == 'bf16' else 0}",
                              "train.tensorboard=false", "train.run_dir=/tmp/megacca-bench"])
     dev = device()
     data = SyntheticSource(cfg.model.vocab_size, cfg.model.seq_length, shape["mb"], 0, 1, seed=0)
