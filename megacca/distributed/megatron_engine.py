@@ -34,6 +34,9 @@ class MegatronEngine:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         model = build_model(cfg)
+        if torch.cuda.is_available():
+            # torch norms (and rotary buffers) are built on CPU; DDP buckets must see every param on the GPU.
+            model.cuda(torch.cuda.current_device())
         tcfg = model.config
         self.ddp = DistributedDataParallel(
             config=tcfg,
