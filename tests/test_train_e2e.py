@@ -87,6 +87,22 @@ def test_sigkill_and_resume_repeats_losses(tmp_path, engine):
         assert abs(a[s] - b[s]) < 1e-6, (s, a[s], b[s])
 
 
+@pytest.mark.parametrize("layout", [["parallel.engine=megatron", "parallel.pp=2", "train.global_batch_size=4"],
+                                    ["parallel.engine=deepspeed", "parallel.zero_stage=3"]],
+                         ids=["megatron-pp2", "deepspeed-dp2-zero3"])
+def test_sigkill_and_resume_two_ranks(tmp_path, layout):
+    """Pipeline stages and data-parallel ranks each save and restore their own part (state, data position)."""
+    opts = [*RESUME, "train.micro_batch_size=2", *layout]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(full, *opts, nproc=2)
+    assert train(cut, *opts, nproc=2, check=False, MEGACCA_TEST_KILL_AFTER_STEP=4).returncode != 0
+    train(cut, *opts, nproc=2)
+    a, b = losses(full), losses(cut)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-6, (s, a[s], b[s])
+
+
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     rd = tmp_path / "run"
     killed = train(rd, *RESUME, check=False, MEGACCA_TEST_KILL_IN_SAVE=6)
