@@ -19,7 +19,8 @@ from megacca.checkpoint import CheckpointManager
 from megacca.config import Config, save_config, to_dict
 from megacca.distributed.init import init_distributed, is_rank0, shutdown
 from megacca.metrics import MetricsLogger
-from megacca.model.flops import peak_tflops, train_flops_per_token
+from megacca.model.flops import param_count, peak_tflops, train_flops_per_token
+from megacca.model.gpt import describe
 
 log = logging.getLogger("megacca.train")
 
@@ -94,10 +95,17 @@ class Trainer:
         metrics = MetricsLogger(run_dir, is_rank0(), tr.tensorboard, tr.log_every, tr.max_steps, tr.progress_bar,
                                 scalar_sink=sink, start_step=step)
         accum, world_tokens = cfg.grad_accum(), cfg.global_batch() * cfg.model.seq_length
+        log.info("model %s | %.2fM parameters | global batch %d x %d tokens (%d micro-batches per rank)",
+                 describe(cfg), param_count(cfg) / 1e6, cfg.global_batch(), cfg.model.seq_length, accum)
         flops_per_token, peak = train_flops_per_token(cfg), peak_tflops()
         n_dev = dist.get_world_size() if dist.is_initialized() else 1
         history = []
         kill_after = os.environ.get("MEGACCA_TEST_KILL_AFTER_STEP")  # test hook: SIGKILL after that step
+        if metrics.bar is not None:  # log records (checkpoint saves) go above the bar instead of through it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect = logging_redirect_tqdm()
+            redirect.__enter__()
         try:
             while step < tr.max_steps:
                 t0 = time.perf_counter()
@@ -122,6 +130,8 @@ class Trainer:
                                      "world_size": n_dev, "tokens_seen": step * world_tokens}
                     ckpts.save(step, engine, trainer_state, data.state_dict())
         finally:
+            if metrics.bar is not None:
+                redirect.__exit__(None, None, None)
             metrics.close()
             data.close()
         errors = data.error_counts()
