@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from megacca.config import ConfigError, load_config, to_dict
@@ -13,8 +14,6 @@ megacca bench data [...]"""
 
 
 def _setup_logging() -> None:
-    import os
-
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -37,6 +36,24 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def _spawn(nproc: int, argv: list[str]) -> int:
+    import socket
+    import subprocess
+
+    import torch
+
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    print(f"megacca: no launcher; starting {nproc} ranks with torchrun", file=sys.stderr, flush=True)
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                            "--master_port", str(port), "-m", "megacca", *argv], env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
@@ -47,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         if cmd in ("train", "config"):
             if not rest or "=" in rest[0]:
                 raise ConfigError("CONFIG", "first argument must be a YAML config file")
+            if cmd == "train" and "RANK" not in os.environ:
+                # No launcher: a layout that needs tp*pp ranks gets them from torchrun (as if run under it).
+                par = load_config(rest[0], rest[1:], check=False).parallel
+                n = int(os.environ.get("NPROC") or par.tp * par.pp)
+                if n > 1:
+                    os.environ["WORLD_SIZE"] = str(n)
+                    load_config(rest[0], rest[1:])  # validate at that world size before spawning anything
+                    return _spawn(n, argv)
             cfg = load_config(rest[0], rest[1:])
             if cmd == "config":
                 import yaml

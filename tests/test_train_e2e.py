@@ -131,6 +131,19 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, override, key):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+def test_bare_megacca_train_starts_the_ranks_a_layout_needs(tmp_path):
+    """`megacca train CONFIG parallel.tp=2` without a launcher runs 2 ranks itself (the issue's own example)."""
+    from conftest import PY, run
+
+    rd = tmp_path / "run"
+    p = run([PY, "-m", "megacca", "train", "configs/pretrain/debug.yaml", f"train.run_dir={rd}", "train.max_steps=2",
+             "parallel.tp=2", "train.save_every=0"])
+    assert "starting 2 ranks" in p.stderr
+    assert [m["step"] for m in metrics(rd)] == [1, 2]
+    assert sorted(x.name for x in (rd / "checkpoints" / "step_00000002" / "engine" / "deepspeed").iterdir()) == [
+        "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
+
+
 def test_world_size_not_divisible(tmp_path):
     p = train(tmp_path / "run", "parallel.tp=2", nproc=3, check=False)
     assert p.returncode == 2 and "world size 3 is not divisible by tp*pp=2" in p.stderr
