@@ -32,7 +32,12 @@ class MetricsLogger:
         if progress_bar == "on" or (progress_bar == "auto" and sys.stdout.isatty()):
             from tqdm import tqdm
 
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            # log records (checkpoint saves) go above the bar instead of through it
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
 
     def log_step(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -59,6 +64,7 @@ class MetricsLogger:
         if self.tb:
             self.tb.close()
         if self.bar:
+            self._redirect.__exit__(None, None, None)
             self.bar.close()
 
 

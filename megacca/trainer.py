@@ -101,11 +101,6 @@ class Trainer:
         n_dev = dist.get_world_size() if dist.is_initialized() else 1
         history = []
         kill_after = os.environ.get("MEGACCA_TEST_KILL_AFTER_STEP")  # test hook: SIGKILL after that step
-        if metrics.bar is not None:  # log records (checkpoint saves) go above the bar instead of through it
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            redirect = logging_redirect_tqdm()
-            redirect.__enter__()
         try:
             while step < tr.max_steps:
                 t0 = time.perf_counter()
@@ -130,8 +125,6 @@ class Trainer:
                                      "world_size": n_dev, "tokens_seen": step * world_tokens}
                     ckpts.save(step, engine, trainer_state, data.state_dict())
         finally:
-            if metrics.bar is not None:
-                redirect.__exit__(None, None, None)
             metrics.close()
             data.close()
         errors = data.error_counts()

@@ -40,14 +40,18 @@ class MegatronMpu:
     get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
 
 
+def we_clip(cfg: Config) -> bool:
+    """ZeRO-0 fp32: DeepSpeed does not report the grad norm, so we clip (and keep the norm) ourselves."""
+    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
+
+
 def ds_config(cfg: Config) -> dict:
     tr = cfg.train
-    engine_clips = not (cfg.parallel.zero_stage == 0 and tr.precision == "fp32")  # see train_step
     return {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum(),
         "train_batch_size": cfg.global_batch(),
-        "gradient_clipping": cfg.optim.grad_clip if engine_clips else 0.0,
+        "gradient_clipping": 0.0 if we_clip(cfg) else cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": tr.precision == "bf16"},
         # A plain torch AdamW needs no JIT-compiled kernel; DeepSpeed calls it "untested" but wraps it fine.
@@ -79,7 +83,7 @@ class DeepSpeedEngine:
         self.model = self.engine.module
         self.monitor = self.engine.monitor if self.engine.monitor.enabled else None
         self._device = device()
-        self._norm_not_reported = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
+        self._we_clip = we_clip(cfg)
 
     def train_step(self, micro_batches: list[dict], step: int) -> StepResult:
         n_tokens = global_loss_tokens(micro_batches)
@@ -95,14 +99,14 @@ class DeepSpeedEngine:
             loss_sum = (nll.float() * mb["loss_mask"]).sum()
             local += loss_sum.detach().double().cpu()
             self.engine.backward(loss_sum * (scale / n_tokens.item()))
-            if self.engine.is_gradient_accumulation_boundary() and self._norm_not_reported:
+            if self.engine.is_gradient_accumulation_boundary() and self._we_clip:
                 # DeepSpeed records the norm only for its own (ZeRO / mixed-precision) optimizers; here the
                 # grads are whole and already all-reduced, so we clip (tp-aware) and keep the pre-clip norm,
                 # and DeepSpeed's own clipping is off (one norm pass instead of two).
                 norm = float(clip_grad_norm_(list(self.model.parameters()), self.cfg.optim.grad_clip or float("inf"),
                                              mpu=MegatronMpu()))
             self.engine.step()
-        if not self._norm_not_reported:
+        if not self._we_clip:
             norm = self.engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
         return StepResult(loss=reduce_loss_sum(local) / n_tokens.item(), grad_norm=norm, lr=lr,
