@@ -13,9 +13,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megacca", "megacca.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",
         "megatron-core>=0.16.1,<0.17",
         "deepspeed>=0.19",
+        # The zero_to_fp32.py that DeepSpeed copies into every checkpoint imports it (split_torch_state_dict_into_shards,
+        # for its default sharded output); DeepSpeed itself does not depend on it.
+        "huggingface_hub>=0.23",
         "sentencepiece>=0.2",
         "webdataset>=0.2.100",
         "tensorboard>=2.14",

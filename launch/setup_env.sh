@@ -3,6 +3,18 @@
 # (requirements/cpu.txt: torch 2.13.0 CPU wheel, megatron-core 0.16.1); a machine with a CUDA torch already
 # importable by `python3` keeps it (the venv sees the system site-packages) and installs the rest.
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) cat <<'EOF'
+usage: bash launch/setup_env.sh
+
+Creates .venv (if absent) and installs megacca into it: the pinned CPU stack (requirements/cpu.txt) on a
+CPU machine; with a CUDA torch already importable by python3 (or PYTHON), the venv reuses it. Does
+nothing when the install is up to date.
+EOF
+    exit 0 ;;
+  "") ;;
+  *) echo "setup_env.sh: takes no arguments (--help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 stamp=.venv/.megacca-installed

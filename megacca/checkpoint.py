@@ -4,6 +4,8 @@ Layout:
     checkpoints/step_00000100/      one complete checkpoint
         engine/                     the engine's own files (DeepSpeed ZeRO partitions, or a megatron
                                     distributed checkpoint), every rank writes its part
+        model/                      (DeepSpeed engine) the weights alone as a megatron distributed checkpoint;
+                                    the megatron engine's engine/ already is one (see "model weights" below)
         trainer.json                step, consumed tokens, resolved config, vocabulary manifest
         vocab.json                  the unified vocabulary manifest (when the run has one)
         rank_00000.json             per-rank data-loader position and Python/numpy RNG state
@@ -20,8 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megacca import faults
+from megacca.distributed.init import is_rank0
 from megacca.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -107,13 +113,13 @@ class CheckpointManager:
         name = f"step_{step:08d}"
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
-        if _rank() == 0:
+        if is_rank0():
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)  # left over by a crash during an earlier save of this step
             tmp.mkdir()
         _barrier()
-        engine.save(tmp / "engine")
+        engine.save(tmp)
         tensors, meta = rng_state()
         r = _rank()
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rank_{r:05d}.safetensors"))
@@ -125,8 +131,7 @@ class CheckpointManager:
         _barrier()
         if r == 0:
             _fsync_tree(tmp)
-            if os.environ.get("MEGACCA_TEST_KILL_IN_SAVE") == str(step):  # test hook: die before publishing
-                os.kill(os.getpid(), 9)
+            faults.maybe_kill("in_save", step)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -148,7 +153,7 @@ class CheckpointManager:
     def load(self, path: Path, engine) -> tuple[dict, dict]:
         """Restore engine, RNG; return (trainer_state, this rank's data state)."""
         trainer_state = json.loads((path / "trainer.json").read_text())
-        engine.load(path / "engine")
+        engine.load(path)
         r = _rank()
         rank_json = path / f"rank_{r:05d}.json"
         if not rank_json.is_file():
@@ -157,3 +162,143 @@ class CheckpointManager:
         per_rank = json.loads(rank_json.read_text())
         set_rng_state(load_file(str(path / f"rank_{r:05d}.safetensors")), per_rank["rng"])
         return trainer_state, per_rank["data"]
+
+
+# ---- model weights, independent of the engine and layout that wrote them ----------------------------------
+# Every megacca checkpoint holds its model weights as a megatron distributed checkpoint (torch_dist): the
+# megatron engine's `engine/` directory (model and optimizer together), or the DeepSpeed engine's `model/`
+# (written beside DeepSpeed's own files, ZeRO-3 parameters gathered first). Its tensors carry global shapes
+# and offsets, so one reader serves every tp / pp / ZeRO layout.
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """A path that is neither a megacca run directory nor one of its checkpoints."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (→ its latest checkpoint) or one checkpoint directory → the checkpoint directory."""
+    p = Path(path)
+    if (p / "trainer.json").is_file():
+        return p
+    latest = CheckpointManager(p).latest() if (p / "checkpoints").is_dir() else None
+    if latest is None:
+        raise CheckpointNotFound(f"{p}: not a megacca checkpoint (no trainer.json) nor a run directory with "
+                                 f"checkpoints/latest")
+    return latest
+
+
+def read_trainer_state(ckpt: str | Path) -> dict:
+    """`trainer.json` of a checkpoint (step, resolved config, vocabulary manifest)."""
+    return json.loads((resolve_checkpoint(ckpt) / "trainer.json").read_text())
+
+
+def model_weights_dir(ckpt: str | Path) -> Path:
+    """Where a checkpoint's weights are; `ckpt` may also be a bare distributed checkpoint directory."""
+    if (Path(ckpt) / ".metadata").is_file():
+        return Path(ckpt)
+    ckpt = resolve_checkpoint(ckpt)
+    for sub in ("model", "engine"):
+        if (ckpt / sub / ".metadata").is_file():
+            return ckpt / sub
+    raise CheckpointNotFound(f"{ckpt}: holds no model weights in megatron's distributed format "
+                             f"(model/ or engine/ with a .metadata file)")
+
+
+def save_dist_checkpoint(sharded_state: dict, ckpt_dir: str | Path) -> None:
+    """Synchronous megatron distributed checkpoint save into a new directory (every rank calls)."""
+    ckpt_dir = Path(ckpt_dir)
+    if is_rank0():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    # megatron's torch_dist writer collects results through a multiprocessing Manager queue, whose server
+    # process outlives a SIGKILLed trainer (keeping its stdout open, so launchers and pipes never see EOF).
+    # Our saves are synchronous: the writer runs in this process, and a plain in-process queue suffices.
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(sharded_state, str(ckpt_dir))
+
+
+def save_model_weights(model, out_dir: Path) -> None:
+    """Write this rank's part of `model` as a model-only distributed checkpoint (every rank calls)."""
+    save_dist_checkpoint({"model": model.sharded_state_dict()}, out_dir)
+
+
+def load_model_weights(model, ckpt: str | Path) -> None:
+    """Load only the model weights of a megacca checkpoint (either engine, any layout) into this rank's part
+    of `model`, at this process's tp / pp layout (every rank calls; parallel state initialised)."""
+    from megatron.core import dist_checkpointing
+
+    from megacca.safe_load import restricted_pickle
+
+    with restricted_pickle():
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(model_weights_dir(ckpt)))
+    model.load_state_dict(state["model"])
+
+
+# megatron's sharded names for the norms fused into the next linear (the TE layout) → the local spec's names.
+_SHARDED_TO_LOCAL = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+                     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+
+
+def read_full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The whole model of any megacca checkpoint as one single-process state dict, named as the tp=1, pp=1
+    model's `state_dict()` (megatron-core local spec: `decoder.layers.N.input_layernorm.weight`, ...). Needs no
+    process group; reads only the model's tensors (not the optimizer's)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megacca.safe_load import restricted_pickle
+
+    src = model_weights_dir(ckpt)
+    with restricted_pickle():
+        reader = dcp.FileSystemReader(str(src))
+        meta = reader.read_metadata()
+        # Whole (unsharded) tensors of the model's keys; DCP fills them from every rank's shard files.
+        flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+                if isinstance(m, TensorStorageMetadata) and not k.startswith("optimizer.")}
+        with warnings.catch_warnings():  # a single-process read is the point here, not a fallback
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(flat, storage_reader=reader, no_dist=True)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in flat.items():
+        if key.startswith("decoder.layers."):  # stacked over layers: [num_layers, ...]
+            rest = key[len("decoder.layers."):]
+            rest = _SHARDED_TO_LOCAL.get(rest, rest)
+            for i in range(t.shape[0]):
+                out[f"decoder.layers.{i}.{rest}"] = t[i].clone()
+        else:
+            out[key] = t
+    return dict(sorted(out.items()))
+
+
+# The model fields a checkpoint's weights must agree with (vocab_size: the unpadded unified vocabulary).
+_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+               "vocab_size", "rope", "image_grid")
+
+
+def check_init_from(cfg) -> None:
+    """Before any rank starts: `train.init_from` names a checkpoint whose model shape and vocabulary manifest
+    are this config's. ConfigError naming both sides otherwise."""
+    from megacca.config import ConfigError
+    from megacca.tokenizer.vocab import VocabMismatchError, check_checkpoint
+
+    if not cfg.train.init_from:
+        return
+    try:
+        ckpt = resolve_checkpoint(cfg.train.init_from)
+        model_weights_dir(ckpt)
+    except CheckpointNotFound as e:
+        raise ConfigError("train.init_from", str(e)) from None
+    saved = read_trainer_state(ckpt)
+    theirs = saved.get("config", {}).get("model", {})
+    for k in _SHAPE_KEYS:
+        if k in theirs and theirs[k] != getattr(cfg.model, k):
+            raise ConfigError("train.init_from", f"{ckpt} has model.{k}={theirs[k]!r} but this config has "
+                                                 f"model.{k}={getattr(cfg.model, k)!r}")
+    try:
+        check_checkpoint(saved.get("vocab"), cfg.data.vocab, str(ckpt))
+    except (VocabMismatchError, ValueError, FileNotFoundError) as e:
+        raise ConfigError("train.init_from", f"vocabulary differs: {e}") from None

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import yaml
 
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
-        self.key = key
+        self.key, self.message = key, message
 
 
 @dataclass
@@ -96,6 +96,11 @@ class TrainConfig:
 
     run_dir: Optional[str] = None
     """Run directory (config.yaml, metrics.jsonl, TensorBoard events, checkpoints/); default runs/<config name>."""
+    init_from: Optional[str] = None
+    """Start from the model weights of another run: its run directory (= its latest checkpoint) or one
+    checkpoint directory, saved by either engine at any tp / pp / ZeRO layout; fresh optimizer. The run's own
+    checkpoints/latest, when present, wins (an interrupted run resumes itself). Alignment stages also load
+    their frozen reference model from here."""
     max_steps: int = 100
     """Optimizer steps to train for."""
     save_every: int = 50
@@ -146,18 +151,53 @@ class OptimConfig:
 
 
 @dataclass
+class AlignConfig:
+    """The alignment stages (`stage: cca` and `stage: dpo`): a policy trained against a frozen reference on
+    pairs of sequences, with a contrastive loss over their summed log-probs (megacca.losses)."""
+
+    beta: float = 0.02
+    """β: scale of the implicit reward β·(log p_policy − log p_ref). CCA paper (LlamaGen): 0.02; DPO: ~0.1."""
+    lam: float = 1000.0
+    """CCA λ: weight of the negative term; the loss is divided by max(λ, 1). Paper: 1000 (B, XL, XXL), 300 (L),
+    500 (3B)."""
+    uncond_ratio: float = 0.1
+    """CCA: share of rows given the `<null>` condition in both the positive and the negative (positive-like
+    rows), which keeps the unconditional model usable for CFG after CCA."""
+    negatives: Literal["roll", "derangement"] = "roll"
+    """CCA: how a row gets another row's condition inside the micro-batch: `roll` by one (the reference
+    implementation) or a seeded random derangement."""
+    same_label_positive: bool = True
+    """CCA: a negative whose condition shares the row's class label (two captions of the same digit, say) is
+    positive-like rather than a true negative; rows whose rolled condition is identical always are."""
+    reference: Literal["model", "precomputed"] = "model"
+    """`model`: run the frozen reference (loaded from train.init_from) on the fly; `precomputed`: read its
+    log-probs from pair shards written by tools/precompute_ref_logps.py (no reference model in memory)."""
+    loss: Literal["sigmoid", "ipo", "hinge", "nca", "simpo"] = "sigmoid"
+    """DPO: loss kind (TRL's definitions; `simpo` is reference-free)."""
+    label_smoothing: float = 0.0
+    """DPO (sigmoid, simpo): conservative-DPO label smoothing ε in [0, 0.5)."""
+    gamma: float = 0.0
+    """DPO simpo: target reward margin γ."""
+    length_normalize: bool = False
+    """DPO: divide each sequence's summed log-prob by its number of scored tokens (SimPO, TRL's IPO) before
+    the loss; policy and reference alike."""
+
+
+@dataclass
 class Config:
     """A whole run."""
 
     name: str = "run"
     """Run name (the YAML file's stem by default)."""
-    stage: Literal["pretrain"] = "pretrain"
-    """Which training stage runs."""
+    stage: Literal["pretrain", "cca", "dpo"] = "pretrain"
+    """Which training stage runs: `pretrain` (next-token loss over packed sequences), `cca` (Condition
+    Contrastive Alignment on condition→image samples) or `dpo` (preference pairs); see `align`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     # -- derived quantities (not config keys) --
     def world_size(self) -> int:
@@ -237,7 +277,11 @@ def _coerce(key: str, tp, value):
 
 
 def from_dict(cls, data, prefix: str = ""):
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types.
+
+    A dataclass may define `check(self)`, raising `ConfigError(field, message)` for values its types admit
+    but it does not (ranges, combinations of its own fields); the field is reported under `prefix`.
+    """
     where = prefix or "config"
     if data is None:
         data = {}
@@ -249,7 +293,15 @@ def from_dict(cls, data, prefix: str = ""):
         if k not in names:
             raise ConfigError(f"{prefix}.{k}" if prefix else str(k), f"unknown key (valid: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, hints[k], v) for k, v in data.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):
+        try:
+            obj.check()
+        except ConfigError as e:
+            if not prefix:
+                raise
+            raise ConfigError(f"{prefix}.{e.key}", e.message) from None
+    return obj
 
 
 def to_dict(cfg) -> dict:
@@ -311,40 +363,70 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(path: Optional[str], overrides: list[str] = (), check: bool = True) -> Config:
-    """Load YAML `path` (may be None), apply dotted `overrides`, resolve the preset, validate (`check`)."""
-    raw: dict = {}
-    name = "run"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(str(path), "config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}", f"invalid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(str(path), "top level must be a mapping")
-        name = p.stem
-    raw.setdefault("name", name)
+def apply_preset(raw: dict, section: str, presets: dict[str, dict], default: Optional[str] = None,
+                 keep_name: bool = True) -> None:
+    """Replace `raw[section]` by the values of its named preset with the section's explicit keys on top.
+
+    The name is the section's `preset` key, else `default` (None: no preset). `keep_name=False` drops the
+    `preset` key, for dataclasses that do not record it.
+    """
+    sec = raw.get(section) or {}
+    if not isinstance(sec, dict):
+        raise ConfigError(section, "expected a mapping")
+    name = sec.get("preset", default)
+    if name is None:
+        return
+    if name not in presets:
+        raise ConfigError(f"{section}.preset", f"unknown preset {name!r} (known: {', '.join(presets)})")
+    merged = _deep_merge(presets[name], sec)
+    if not keep_name:
+        merged.pop("preset", None)
+    raw[section] = merged
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in YAML file `path`; a missing file, bad YAML (with its line) or a non-mapping is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), "config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}", f"invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "top level must be a mapping")
+    return raw
+
+
+def load_typed(cls, path: Optional[str | Path], overrides: Sequence[str] = (),
+               resolve: Optional[Callable[[dict], None]] = None):
+    """Dataclass `cls` from YAML `path` (None: defaults only) with dotted `overrides` applied on top.
+
+    `resolve(raw)` may edit the merged plain dict before it is typed (presets, defaults derived from the
+    path). Types, unknown keys and each dataclass' own `check()` are enforced by `from_dict`; every problem
+    is a ConfigError naming the dotted key.
+    """
+    raw = read_yaml(path) if path is not None else {}
     for ov in overrides:
         keys, value = parse_override(ov)
         _set_dotted(raw, keys, value)
+    if resolve is not None:
+        resolve(raw)
+    return from_dict(cls, raw)
 
-    # Preset: preset values, then the user's explicit model keys on top.
-    from megacca.model.presets import PRESETS
 
-    model_raw = raw.get("model") or {}
-    if not isinstance(model_raw, dict):
-        raise ConfigError("model", "expected a mapping")
-    preset = model_raw.get("preset", ModelConfig.preset)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError("model.preset", f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-        raw["model"] = _deep_merge(PRESETS[preset], model_raw)
-    cfg = from_dict(Config, raw)
+def load_config(path: Optional[str], overrides: list[str] = (), check: bool = True) -> Config:
+    """Load YAML `path` (may be None), apply dotted `overrides`, resolve the preset, validate (`check`)."""
+
+    def resolve(raw: dict) -> None:
+        from megacca.model.presets import PRESETS
+
+        raw.setdefault("name", Path(path).stem if path is not None else "run")
+        apply_preset(raw, "model", PRESETS, ModelConfig.preset)  # preset values, explicit model keys on top
+
+    cfg = load_typed(Config, path, overrides, resolve)
     if cfg.train.run_dir is None:
         cfg.train.run_dir = str(Path("runs") / cfg.name)
     resolve_vocab(cfg)
@@ -357,22 +439,20 @@ def resolve_vocab(cfg: Config) -> None:
     """Take the vocabulary size, the <boi> id and the image grid from the data manifest when one is configured."""
     if cfg.data.vocab is None:
         return
-    import json
+    # Imported here: the vocabulary module brings numpy and sentencepiece, which loading a config does not need.
+    from megacca.tokenizer.vocab import load_manifest
 
-    p = Path(cfg.data.vocab)
-    if not p.is_file():
-        raise ConfigError("data.vocab", f"vocabulary manifest not found: {p}")
     try:
-        manifest = json.loads(p.read_text())
-        cfg.model.vocab_size = int(manifest["vocab_size"])
-        cfg.model.boi_token_id = int(manifest["specials"]["<boi>"])
-        grid = manifest.get("image_grid")
-        if grid:
-            if grid[0] != grid[1] and cfg.model.rope == "2d":
-                raise ConfigError("model.rope", f"2d rope needs square image grids; {p} has {grid}")
-            cfg.model.image_grid = int(grid[0])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError("data.vocab", f"{p} is not a vocabulary manifest ({e})") from None
+        manifest = load_manifest(cfg.data.vocab)
+    except (OSError, ValueError) as e:
+        raise ConfigError("data.vocab", str(e)) from None
+    cfg.model.vocab_size = manifest["vocab_size"]
+    cfg.model.boi_token_id = manifest["specials"]["<boi>"]
+    grid = manifest["image_grid"]
+    if grid:
+        if grid[0] != grid[1] and cfg.model.rope == "2d":
+            raise ConfigError("model.rope", f"2d rope needs square image grids; {cfg.data.vocab} has {grid}")
+        cfg.model.image_grid = grid[0]
 
 
 def validate(cfg: Config) -> None:
@@ -442,6 +522,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.min_lr", f"{opt.min_lr} is larger than optim.lr={opt.lr}")
     if cfg.data.kind == "webdataset" and not cfg.data.sources:
         raise ConfigError("data.sources", "kind=webdataset needs at least one source")
+    if cfg.data.kind == "webdataset" and cfg.data.vocab is None:
+        raise ConfigError("data.vocab", "kind=webdataset needs the vocabulary manifest (vocab.json)")
     for i, s in enumerate(cfg.data.sources):
         if not s.path:
             raise ConfigError(f"data.sources[{i}].path", "is empty")
@@ -449,6 +531,30 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.sources[{i}].weight", f"must be > 0, got {s.weight}")
     if not 0.0 <= cfg.data.cond_dropout <= 1.0:
         raise ConfigError("data.cond_dropout", "must be in [0, 1]")
+    if cfg.stage != "pretrain":
+        validate_align(cfg)
+
+
+def validate_align(cfg: Config) -> None:
+    """The alignment stages' own combinations (CCA and DPO)."""
+    a = cfg.align
+    if not cfg.train.init_from:
+        raise ConfigError("train.init_from", f"stage {cfg.stage} starts from a trained model: set it to a run "
+                                             f"directory or checkpoint (the policy's start and the reference)")
+    if cfg.data.kind != "webdataset":
+        raise ConfigError("data.kind", f"stage {cfg.stage} reads shards: set kind=webdataset and data.sources")
+    if a.beta <= 0:
+        raise ConfigError("align.beta", f"must be > 0, got {a.beta}")
+    if a.lam < 0:
+        raise ConfigError("align.lam", f"must be >= 0, got {a.lam}")
+    if not 0.0 <= a.uncond_ratio <= 1.0:
+        raise ConfigError("align.uncond_ratio", f"must be in [0, 1], got {a.uncond_ratio}")
+    if not 0.0 <= a.label_smoothing < 0.5:
+        raise ConfigError("align.label_smoothing", f"must be in [0, 0.5), got {a.label_smoothing}")
+    if cfg.stage == "dpo" and a.label_smoothing and a.loss not in ("sigmoid", "simpo"):
+        raise ConfigError("align.label_smoothing", f"only the sigmoid and simpo losses have one (align.loss={a.loss})")
+    if cfg.stage == "dpo" and a.gamma and a.loss != "simpo":
+        raise ConfigError("align.gamma", f"is SimPO's target margin; align.loss is {a.loss}")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

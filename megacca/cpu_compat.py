@@ -4,7 +4,7 @@ megatron-core assumes CUDA in places that matter even for tiny CPU runs: `torch.
 device argument, ~70 literal `device="cuda"` / `.cuda()` sites (causal masks, pipeline p2p buffers, DDP
 buckets, optimizer state, dist-checkpoint metadata), `t.type() == 'torch.cuda.FloatTensor'` checks in the
 optimizer, and an RNG tracker built on the CUDA generator. Every patch lives here, each with its reason, and
-`install()` does nothing when `torch.cuda.is_available()`. Measured facts: shared/notes/engines-on-cpu.md.
+`install()` does nothing when `torch.cuda.is_available()`. Measured cost: docs/decisions.md (CPU compatibility mode).
 """
 from __future__ import annotations
 

@@ -2,33 +2,33 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import sys
 from pathlib import Path
-
-log = logging.getLogger("megacca.train")
 
 
 class MetricsLogger:
     """Rank 0 writes; other ranks construct it with `enabled=False` and every call is a no-op."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, log_every: int, max_steps: int,
-                 progress_bar: str = "auto", scalar_sink=None, start_step: int = 0):
+                 progress_bar: str = "auto", start_step: int = 0):
         self.enabled, self.log_every = enabled, log_every
         self.jsonl = None
         self.tb = None
-        self.scalar_sink = scalar_sink  # e.g. DeepSpeed's monitor; falls back to our own TensorBoard writer
         self.bar = None
         if not enabled:
             return
         path = Path(run_dir) / "metrics.jsonl"
         _truncate_after(path, start_step)  # a resumed run re-logs the steps after its checkpoint
         self.jsonl = open(path, "a", buffering=1)
-        if tensorboard and scalar_sink is None:
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            # The only TensorBoard writer of a run (DeepSpeed's monitor is off), so every scalar is one curve
+            # over the step. A resumed run re-logs the steps after its checkpoint: purge_step writes a
+            # SessionLog START at start_step + 1, and TensorBoard then drops the earlier session's events from
+            # that step on (the same cut `_truncate_after` makes in metrics.jsonl; a fresh run purges them all).
+            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         if progress_bar == "on" or (progress_bar == "auto" and sys.stdout.isatty()):
             from tqdm import tqdm
 
@@ -43,12 +43,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        if self.scalar_sink is not None:
-            self.scalar_sink(step, scalars)
-        elif self.tb is not None:
+        if self.tb is not None:
             for k, v in scalars.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"train/{k}", v, step)
+            # Every step, like metrics.jsonl: the steps up to a checkpoint must be on disk if the run is killed
+            # before the next one (a resume re-logs only what comes after the checkpoint).
+            self.tb.flush()
         if step % self.log_every == 0:
             line = format_line(step, scalars)
             if self.bar is not None:
@@ -87,9 +88,15 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 def format_line(step: int, s: dict) -> str:
-    """Fixed fields, always in this order (GPU adds tflops and mfu)."""
-    parts = [f"step {step:6d}", f"loss {s['loss']:.4f}", f"lr {s['lr']:.3e}", f"grad_norm {s['grad_norm']:.3f}",
-             f"tokens/s {s['tokens_per_s']:,.0f}", f"step_ms {1000 * s['step_time']:.1f}"]
+    """Fixed fields, always in this order (alignment stages add their reward fields after the loss; GPU adds
+    tflops and mfu)."""
+    parts = [f"step {step:6d}", f"loss {s['loss']:.4f}"]
+    if "rewards/margins" in s:  # alignment stages (CCA, DPO): the reward margin and accuracy, CCA's pos-like share
+        parts += [f"margin {s['rewards/margins']:.4f}", f"reward_acc {s['rewards/accuracies']:.3f}"]
+        if "pos_like_frac" in s:
+            parts.append(f"pos_like {s['pos_like_frac']:.3f}")
+    parts += [f"lr {s['lr']:.3e}", f"grad_norm {s['grad_norm']:.3f}", f"tokens/s {s['tokens_per_s']:,.0f}",
+              f"step_ms {1000 * s['step_time']:.1f}"]
     if "tflops" in s:
         parts += [f"tflops {s['tflops']:.1f}", f"mfu {100 * s['mfu']:.1f}%"]
     if s.get("skipped_samples"):

@@ -3,21 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megacca.distributed.init import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra) -> dict:
@@ -43,11 +38,11 @@ def torchrun(nproc: int, script: str, *args, timeout: int = 240) -> subprocess.C
 
 
 def train(run_dir, *overrides, nproc: int = 1, config="configs/pretrain/debug.yaml", check=True, timeout=240,
-          launcher="torchrun", **env) -> subprocess.CompletedProcess:
-    """The real launcher: `bash launch/pretrain.sh CONFIG overrides...` with NPROC ranks. Multi-rank runs use
-    torchrun unless told otherwise (it starts in a third of the deepspeed launcher's time on 2 cores); the
-    deepspeed launcher path has its own test."""
-    return run(["bash", "launch/pretrain.sh", config, f"train.run_dir={run_dir}", "train.progress_bar=off",
+          launcher="torchrun", script="launch/pretrain.sh", **env) -> subprocess.CompletedProcess:
+    """The real launcher: `bash SCRIPT CONFIG overrides...` with NPROC ranks (SCRIPT: launch/pretrain.sh, or a
+    stage's launch/cca_stage.sh / launch/dpo_stage.sh). Multi-rank runs use torchrun unless told otherwise (it
+    starts in a third of the deepspeed launcher's time on 2 cores); the deepspeed launcher path has its own test."""
+    return run(["bash", script, config, f"train.run_dir={run_dir}", "train.progress_bar=off",
                 *overrides], timeout=timeout, check=check, NPROC=nproc, MEGACCA_LAUNCHER=launcher, **env)
 
 
@@ -62,3 +57,22 @@ def losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA (flash-attn, Transformer Engine, GPU-only paths); skipped "
+                                       "without it. On a GPU machine: .venv/bin/python -m pytest -m gpu tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` tests on a machine without CUDA, so the default suite (tests/run.sh) stays green on CPU."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run `python -m pytest -m gpu tests` on a GPU machine)")
+    for item in gpu_items:
+        item.add_marker(skip)

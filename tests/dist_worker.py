@@ -6,8 +6,9 @@ Scenarios:
   grads  build the model at (tp, pp, sp); load OUT_DIR/ref_ckpt if it exists, else save it there (the tp=1
          reference run); run one forward/backward of the megatron engine on two fixed micro-batches; write the
          loss, the full-vocab logits of micro-batch 0 and every gradient, gathered to the unsharded tp=1 layout
-         with global layer numbers, to OUT_DIR/<tag>.*.safetensors. Then take one optimizer step, save a
-         distributed checkpoint to OUT_DIR/<tag>_ckpt and the logits after the step.
+         with global layer numbers, and the grad_norm the engine's optimizer step reports (before clipping),
+         to OUT_DIR/<tag>.*.safetensors. The step also updates the weights: save a distributed checkpoint to
+         OUT_DIR/<tag>_ckpt and the logits after the step.
   load   load OUT_DIR/<src>_ckpt (saved at another layout) at this layout and write the logits.
 """
 from __future__ import annotations
@@ -87,14 +88,17 @@ def main() -> None:
     from megatron.core import parallel_state as ps
 
     from megacca.distributed.init import init_distributed, shutdown
-    from megacca.distributed.megatron_engine import MegatronEngine, load_model_weights, save_dist_checkpoint
+    from megacca.checkpoint import load_model_weights, save_dist_checkpoint
+    from megacca.distributed.megatron_engine import MegatronEngine
+    from megacca.model.gpt import build_model
+    from megacca.stages.pretrain import NextTokenLoss
 
     scenario, out, tp, pp, sp = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
     src = sys.argv[6] if len(sys.argv) > 6 else None
     cfg = make_cfg(tp, pp, sp)
     init_distributed(tp, pp, seed=cfg.train.seed)
     tag = f"tp{tp}pp{pp}sp{int(sp)}"
-    engine = MegatronEngine(cfg)
+    engine = MegatronEngine(cfg, build_model, NextTokenLoss())
     model = engine.model
     write = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     stage = ps.get_pipeline_model_parallel_rank()
@@ -113,19 +117,22 @@ def main() -> None:
         save_dist_checkpoint({"model": model.sharded_state_dict()}, ref)
     for p in model.parameters():
         p._tp, p._partition_dim = getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", 0)
-    loss, _ = engine.forward_backward(mbs)
+    loss = engine.forward_backward(mbs)[0]["loss"]
     grads = {}
     for name, p in model.named_parameters():
         g = p.main_grad.detach().clone()
         g._tp, g._partition_dim = p._tp, p._partition_dim
         grads[global_name(name, cfg)] = gather_tp(name, g).contiguous()
     logits = full_logits(model, mbs[0]["tokens"], cfg)
+    # The optimizer step returns the global pre-clipping norm that MegatronEngine.train_step logs as grad_norm
+    # (reduced over the tp and pp groups, each replicated parameter counted once).
+    _, grad_norm, _ = engine.optimizer.step()
     if write:
-        tensors = dict(grads, loss=torch.tensor([loss], dtype=torch.float64))
+        tensors = dict(grads, loss=torch.tensor([loss], dtype=torch.float64),
+                       grad_norm=torch.tensor([grad_norm], dtype=torch.float64))
         if logits is not None:
             tensors["logits"] = logits.contiguous()
         save_file(tensors, str(out / f"{tag}.stage{stage}.safetensors"))
-    engine.optimizer.step()
     save_dist_checkpoint({"model": model.sharded_state_dict()}, out / f"{tag}_ckpt")
     logits = full_logits(model, mbs[0]["tokens"], cfg)
     if write and logits is not None:

@@ -1,12 +1,13 @@
 """Config tree: shipped configs parse, presets have their published sizes, overrides and validation."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from megacca.config import ConfigError, load_config, to_dict
+from megacca.config import ConfigError, apply_preset, load_config, load_typed, to_dict
 from megacca.model.flops import param_count
 from megacca.model.presets import PRESETS
 
@@ -19,15 +20,21 @@ def test_there_are_shipped_configs():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_shipped_config_parses(path, monkeypatch):
+def test_every_shipped_config_parses(path, monkeypatch, tmp_path):
     # Configs for clusters declare their world size in a comment-free way: validate at the smallest world
     # their layout allows.
     raw = yaml.safe_load(path.read_text()) or {}
     par = raw.get("parallel", {})
     monkeypatch.setenv("WORLD_SIZE", str(par.get("tp", 1) * par.get("pp", 1)))
-    # Cluster configs point at data built elsewhere; without it, everything but the manifest is checked.
+    # Cluster configs point at data built elsewhere; without it, a stand-in vocabulary (a square grid, as 2d
+    # rope needs) lets everything else be checked. Their data files are `megacca config`'s to check.
     vocab = (raw.get("data") or {}).get("vocab")
-    over = [] if vocab is None or (ROOT / vocab).is_file() else ["data.vocab=null"]
+    over = []
+    if vocab is not None and not (ROOT / vocab).is_file():
+        from megacca.tokenizer.vocab import UnifiedVocab
+
+        UnifiedVocab.build(None, 64, (4, 4), ["a", "b"]).save(str(tmp_path / "vocab.json"))
+        over = [f"data.vocab={tmp_path / 'vocab.json'}"]
     cfg = load_config(str(path), over)
     assert cfg.name == path.stem
     assert cfg.train.run_dir == f"runs/{path.stem}" or raw.get("train", {}).get("run_dir")
@@ -89,6 +96,7 @@ def test_round_trip_through_saved_yaml(tmp_path):
     (["model.preset=huge"], 1, "model.preset"),
     (["optim.min_lr=1"], 1, "optim.min_lr"),
     (["data.kind=webdataset"], 1, "data.sources"),
+    (["data.kind=webdataset", "data.sources=[{path: d}]"], 1, "data.vocab"),  # its size sets the model's
     (["nonsense.key=1"], 1, "nonsense"),
     (["train.nonsense=1"], 1, "train.nonsense"),
     (["train=3"], 1, "train"),
@@ -125,8 +133,9 @@ def test_every_field_has_a_docstring():
 
     import megacca.config as mc
     import megacca.data.config as dc
+    import megacca.tokenizer.vq.config as vc
 
-    for mod in (mc, dc):
+    for mod in (mc, dc, vc):
         tree = ast.parse(inspect.getsource(mod))
         for cls in [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Config")]:
             body = cls.body
@@ -134,6 +143,115 @@ def test_every_field_has_a_docstring():
                 if isinstance(node, ast.AnnAssign):
                     nxt = body[i + 1] if i + 1 < len(body) else None
                     has_doc = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
-                    if cls.name == "Config" and node.target.id in ("model", "parallel", "train", "optim", "data"):
+                    if cls.name == "Config" and node.target.id in ("model", "parallel", "train", "optim", "data", "align"):
                         continue  # sections are documented by their own class docstrings
                     assert has_doc, f"{cls.name}.{node.target.id} has no docstring"
+
+
+# ---------------------------------------------------------------- the generic typed loader, used by every config
+
+
+@dataclass
+class _Inner:
+    """A section with a check of its own."""
+
+    size: int = 4
+    """Must be even."""
+    ratio: float = 0.5
+    """A number."""
+
+    def check(self) -> None:
+        if self.size % 2:
+            raise ConfigError("size", f"must be even, got {self.size}")
+
+
+@dataclass
+class _Outer:
+    """A tree of one section."""
+
+    inner: _Inner = field(default_factory=_Inner)
+    """The section."""
+    tags: list[str] = field(default_factory=list)
+    """Strings."""
+
+
+def test_load_typed_yaml_overrides_and_nested_check(tmp_path):
+    f = tmp_path / "t.yaml"
+    f.write_text("inner: {size: 6, ratio: 1e-3}\ntags: [a]\n")  # YAML 1.1 reads 1e-3 as a string
+    cfg = load_typed(_Outer, f, ["inner.size=8", "tags[0]=b"])
+    assert cfg == _Outer(_Inner(8, 1e-3), ["b"]) and isinstance(cfg.inner.ratio, float)
+    assert load_typed(_Outer, None) == _Outer()
+    for overrides, key in [(["inner.size=7"], "inner.size"),        # the section's own check, under its prefix
+                           (["inner.size=x"], "inner.size"), (["inner.sise=2"], "inner.sise"),
+                           (["tags=3"], "tags"), (["inner=3"], "inner")]:
+        with pytest.raises(ConfigError) as e:
+            load_typed(_Outer, f, overrides)
+        assert e.value.key == key, (overrides, str(e.value))
+    with pytest.raises(ConfigError) as e:
+        load_typed(_Outer, tmp_path / "missing.yaml")
+    assert e.value.message == "config file not found"
+
+
+def test_load_typed_resolve_hook_sees_overrides_before_typing(tmp_path):
+    seen = []
+
+    def resolve(raw):
+        seen.append(dict(raw["inner"]))
+        apply_preset(raw, "inner", {"big": {"size": 100, "ratio": 2.0}}, keep_name=False)
+
+    cfg = load_typed(_Outer, None, ["inner.preset=big", "inner.ratio=3"], resolve)
+    assert seen == [{"preset": "big", "ratio": 3}] and cfg.inner == _Inner(100, 3.0)  # explicit keys over preset
+    with pytest.raises(ConfigError) as e:
+        load_typed(_Outer, None, ["inner.preset=huge"], resolve)
+    assert e.value.key == "inner.preset"
+
+
+# ---------------------------------------------------------------- tokenizer configs: the same loader and errors
+
+TOKENIZER_CONFIGS = sorted((ROOT / "tokenizers" / "configs").glob("vq_*.yaml"))
+
+
+@pytest.mark.parametrize("path", TOKENIZER_CONFIGS, ids=lambda p: p.name)
+def test_shipped_vq_configs_parse(path):
+    from megacca.tokenizer.vq.config import PRESETS, load_run_config
+
+    raw = yaml.safe_load(path.read_text())
+    run = load_run_config(path)
+    # every key the file sets arrives typed; keys it leaves out come from its preset
+    for k, v in raw["model"].items():
+        if k != "preset":
+            assert getattr(run.model, k) == v, k
+    for k, v in PRESETS[raw["model"]["preset"]].items():
+        if k not in raw["model"]:
+            assert getattr(run.model, k) == v, k
+    for section in ("train", "eval"):
+        for k, v in (raw.get(section) or {}).items():
+            assert getattr(getattr(run, section), k) == v, (section, k)
+
+
+def test_vq_run_config_overrides_and_errors_name_the_dotted_key():
+    from megacca.tokenizer.vq.config import load_run_config
+
+    path = ROOT / "tokenizers" / "configs" / "vq_digits.yaml"
+    run = load_run_config(path, ["train.steps=7", "model.codebook_size=64", "eval.sample_images=0",
+                                 "model.preset=vq16", "model.image_size=32"])
+    assert run.train.steps == 7 and run.model.codebook_size == 64 and run.eval.sample_images == 0
+    assert run.model.image_size == 32 and run.model.ch == 32  # the file's ch wins over the vq16 preset's 128
+    for overrides, key in [
+        (["train.steps=0"], "train.steps"),
+        (["train.steps=1.5"], "train.steps"),
+        (["train.lr=-1"], "train.lr"),
+        (["train.betas=[0.9]"], "train.betas"),
+        (["train.dead_code_until=2"], "train.dead_code_until"),
+        (["train.max_time_s=150"], "train.max_time_s"),   # training stops by steps only
+        (["eval.batch_size=0"], "eval.batch_size"),
+        (["model.ch=20"], "model.norm_groups"),           # 20 channels into 8 groups
+        (["model.image_size=18"], "model.image_size"),    # not a multiple of the downsampling 4
+        (["model.recon_loss=l3"], "model.recon_loss"),
+        (["model.preset=huge"], "model.preset"),
+        (["model.ch_mult=[]"], "model.ch_mult"),
+        (["optim.lr=1"], "optim"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_run_config(path, overrides)
+        assert e.value.key == key, (overrides, str(e.value))

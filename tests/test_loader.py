@@ -3,7 +3,7 @@
 Fixtures are written here with webdataset.TarWriter following the contract (manifest.json + tar shards), and
 the vocabulary is a small stand-in with the contract's id layout (specials 0..7, classes, text, codes) whose
 text "tokenizer" maps each character to one piece, so token layouts can be checked by hand. A last test runs
-the real `UnifiedVocab` when it is importable.
+the real `UnifiedVocab`.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import webdataset as wds
 from megacca.data.config import DataConfig, SourceConfig
 from megacca.data.loader import BadSample, build_webdataset_source, plan_units
 from megacca.data.packing import fit_sample, pack, text_tokens
+from megacca.tokenizer.vocab import UnifiedVocab
 
 GRID = (2, 3)
 K = 64
@@ -479,8 +480,7 @@ def test_cond_dropout_share(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- real vocab
 def test_with_real_unified_vocab(tmp_path):
-    vocab_mod = pytest.importorskip("megacca.tokenizer.vocab")
-    v = vocab_mod.UnifiedVocab.build(None, K, GRID, class_names=[str(i) for i in range(C)])
+    v = UnifiedVocab.build(None, K, GRID, class_names=[str(i) for i in range(C)])
     d = c2i_dir(tmp_path / "a", 2, 6)
     b = next(build_webdataset_source(cfg(d), v, 2 * C2I_LEN - 1, 2, seed=0))
     row = b["tokens"][0].tolist()

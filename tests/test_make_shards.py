@@ -1,11 +1,13 @@
 """tools/make_shards.py and megacca.data.shards on the bundled digits and tiny generated inputs."""
 import collections
+import hashlib
 import importlib.util
 import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from megacca.data.shards import (  # noqa: E402
-    ShardManifestError, ShardWriter, iter_samples, read_manifest, shard_paths, verify_shards, write_manifest)
+    ShardManifestError, ShardReadError, ShardWriter, iter_samples, iter_tar, read_manifest, shard_paths, verify_shards,
+    write_manifest, write_shard)
 
 SCRIPT = os.path.join(REPO, "tools", "make_shards.py")
 
@@ -309,3 +312,92 @@ def test_read_manifest_errors_name_path(tmp_path):
     with pytest.raises(ShardManifestError, match="does not exist"):
         read_manifest(str(tmp_path))
     assert read_manifest(str(tmp_path / "manifest.json"), check_files=False)["kind"] == "text"
+
+
+def _docs(n, reps=1):
+    return ({"__key__": f"k{i}", "txt": f"doc {i} " * reps, "json": {"i": i}} for i in range(n))
+
+
+def test_write_shard_deterministic_atomic_and_same_as_shard_writer(tmp_path):
+    a = write_shard(str(tmp_path / "train-000000.tar"), _docs(5))
+    data = (tmp_path / "train-000000.tar").read_bytes()
+    assert a == {"name": "train-000000.tar", "count": 5, "sha256": hashlib.sha256(data).hexdigest(),
+                 "bytes": len(data)}
+    assert write_shard(str(tmp_path / "b.tar"), _docs(5))["sha256"] == a["sha256"]  # a rerun: identical bytes
+    with ShardWriter(str(tmp_path / "w"), "train") as w:  # the split writer writes the very same file
+        for s in _docs(5):
+            w.write(s)
+    assert w.close()["shards"][0]["sha256"] == a["sha256"]
+    with tarfile.open(tmp_path / "train-000000.tar") as tf:  # fixed metadata, members sorted within a sample
+        members = tf.getmembers()
+    assert [m.name for m in members] == [f"k{i}.{e}" for i in range(5) for e in ("json", "txt")]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "megacca", "megacca",
+                                                                                     0o444)}
+
+    def failing():
+        yield from _docs(2)
+        raise RuntimeError("encoder died")
+
+    (tmp_path / "c").mkdir()
+    with pytest.raises(RuntimeError, match="encoder died"):
+        write_shard(str(tmp_path / "c" / "train-000000.tar"), failing())
+    assert os.listdir(tmp_path / "c") == []  # neither the shard nor its temporary file
+    with pytest.raises(ValueError, match="duplicate sample key 'k0'"):
+        write_shard(str(tmp_path / "c" / "d.tar"), [{"__key__": "k0", "txt": "a"}, {"__key__": "k0", "txt": "b"}])
+    with pytest.raises(ValueError, match="bad member extension 'TXT'"):  # it would read back as 'txt'
+        write_shard(str(tmp_path / "c" / "e.tar"), [{"__key__": "k0", "TXT": "a"}])
+    assert os.listdir(tmp_path / "c") == []
+
+
+def test_iter_tar_names_shard_and_key_at_damage(tmp_path):
+    path = tmp_path / "train-000000.tar"
+    write_shard(str(path), _docs(4, reps=200))  # ~1.2 KB per txt member: several blocks to cut into
+    raw = path.read_bytes()
+    got = list(iter_tar(str(path), 4))
+    assert [s["__key__"] for s in got] == ["k0", "k1", "k2", "k3"] and got[2]["txt"] == b"doc 2 " * 200
+    assert {s["__url__"] for s in got} == {str(path)}
+
+    pos = raw.index(b"k2.txt")
+    path.write_bytes(raw[:pos + 512 + 100])  # cut inside k2's txt data
+    seen = []
+    with pytest.raises(ShardReadError) as ei:
+        for s in iter_tar(str(path)):
+            seen.append(s["__key__"])
+    assert seen == ["k0", "k1"]  # the cut sample is never handed out
+    assert ei.value.key == "k2" and ei.value.reason == "corrupt_tar" and ei.value.shard == str(path)
+    assert str(path) in str(ei.value) and "'k2'" in str(ei.value)
+
+    zeroed = bytearray(raw)
+    zeroed[pos:pos + 512] = bytes(512)  # reads as a clean end of archive: only the count tells
+    path.write_bytes(bytes(zeroed))
+    assert [sorted(s) for s in iter_tar(str(path))][2] == ["__key__", "__url__", "json"]  # k2 lost its txt
+    seen = []
+    with pytest.raises(ShardReadError, match="read 3 of 4 samples") as ei:
+        for s in iter_tar(str(path), 4):
+            seen.append(s["__key__"])
+    assert seen == ["k0", "k1"]  # held back: the count shows that k2 may be cut short
+    assert ei.value.key == "k2" and "'k2.json'" in str(ei.value)  # the last member reached
+
+    with tarfile.open(path, "w") as tf:  # a member without an extension is not silently dropped
+        for name in ("k0.txt", "README"):
+            ti = tarfile.TarInfo(name)
+            ti.size = 2
+            tf.addfile(ti, io.BytesIO(b"hi"))
+    with pytest.raises(ShardReadError, match="'README' has no extension") as ei:
+        list(iter_tar(str(path)))
+    assert ei.value.key == "README" and ei.value.reason == "corrupt_tar"
+    with pytest.raises(ShardReadError, match="empty shard") as ei:
+        list(iter_tar(str(tmp_path / "missing.tar")))
+    assert ei.value.reason == "empty_shard" and "missing.tar" in str(ei.value)
+
+
+def test_iter_samples_checks_counts_against_manifest(tmp_path):
+    with ShardWriter(str(tmp_path), "train", max_count=3) as w:
+        for s in _docs(5):
+            w.write(s)
+    write_manifest(str(tmp_path), "text", {"train": w.close()})
+    assert [s["__key__"] for s in iter_samples(str(tmp_path), "train")] == [f"k{i}" for i in range(5)]
+    write_shard(str(tmp_path / "train-000001.tar"), _docs(1))  # the second shard lost a sample
+    with pytest.raises(ShardReadError, match="read 1 of 2 samples") as ei:
+        list(iter_samples(str(tmp_path), "train"))
+    assert "train-000001.tar" in str(ei.value)

@@ -34,11 +34,15 @@ def _load(d, tag) -> dict:
 
 
 def _compare(ref: dict, got: dict, keys=None):
-    keys = keys or [k for k in ref if k != "loss"]
+    keys = [k for k in (keys or ref) if k not in ("loss", "grad_norm")]
     assert set(k for k in ref if k != "logits") <= set(got), "missing gradients"
     for k in keys:
         torch.testing.assert_close(got[k], ref[k], **TOL, msg=lambda m: f"{k}: {m}")
     torch.testing.assert_close(got["loss"], ref["loss"], atol=1e-6, rtol=1e-6)
+    # The grad_norm the engine logs, reduced over the tp/pp groups by megatron's optimizer. The gradients agree
+    # to ~1e-7 relative, and so does their norm (observed <= 4e-8); 1e-6 still catches a replicated parameter
+    # counted twice (the norm weights alone move it by 6e-5 here) or a rank's part left out (>= 1e-2).
+    torch.testing.assert_close(got["grad_norm"], ref["grad_norm"], atol=0, rtol=1e-6)
 
 
 def test_tp2_matches_tp1_logits_and_grads(out):

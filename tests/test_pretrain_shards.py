@@ -18,7 +18,9 @@ def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("codes")
     write_random_code_shards(str(d / "codes"), samples=240, grid=4, codebook=64, classes=10, per_shard=60)
     UnifiedVocab.build(None, 64, (4, 4), [str(k) for k in range(10)]).save(str(d / "vocab.json"))
-    UnifiedVocab.build(None, 128, (4, 4), [str(k) for k in range(10)]).save(str(d / "other_vocab.json"))
+    # Another vocabulary the shards do not rule out (their manifest pins the codebook and classes, not the
+    # grid), so that only the checkpoint can refuse it.
+    UnifiedVocab.build(None, 64, (8, 8), [str(k) for k in range(10)]).save(str(d / "other_vocab.json"))
     return d
 
 
@@ -48,7 +50,7 @@ def test_resume_with_another_vocabulary_is_refused(tmp_path, shards):
     p = train(rd, *_opts(shards, "train.max_steps=4", f"data.vocab={shards / 'other_vocab.json'}"), config=CFG,
               check=False)
     assert p.returncode == 2
-    assert "vocabulary mismatch" in p.stderr and "codebook_size" in p.stderr and "other_vocab.json" in p.stderr
+    assert "vocabulary mismatch" in p.stderr and "image_grid" in p.stderr and "other_vocab.json" in p.stderr
 
 
 def _corrupt_copy(shards, tmp_path):

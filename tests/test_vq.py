@@ -1,4 +1,4 @@
-"""VQ image tokenizer: megacca/tokenizer/vq.py, tokenizers/train_vq.py and tools/vq_encode.py."""
+"""VQ image tokenizer: megacca/tokenizer/vq/, tokenizers/train_vq.py and tools/vq_encode.py."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from megacca.config import ConfigError  # noqa: E402
+from megacca.fileio import sha256_file  # noqa: E402
 from megacca.tokenizer import vq as V  # noqa: E402
 
 PY = sys.executable
@@ -133,14 +135,43 @@ def test_encode_decode_shapes_and_range():
 def test_config_validation_and_presets():
     assert V.vq16().downsample == 16 and V.vq16(image_size=256).grid == (16, 16)
     assert V.tiny().grid == (4, 4)
-    with pytest.raises(ValueError, match="norm_groups"):
-        V.VQConfig(ch=24, norm_groups=32).validate()
-    with pytest.raises(ValueError, match="unknown"):
-        V.VQConfig.from_dict({"preset": "tiny", "codebok_size": 3})
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ConfigError) as e:
+        V.VQConfig(ch=24, norm_groups=32).check()
+    assert e.value.key == "norm_groups"
+    with pytest.raises(ConfigError) as e:
+        V.tiny(codebok_size=3)
+    assert e.value.key == "codebok_size" and "unknown key" in str(e.value)
+    with pytest.raises(ConfigError) as e:
         V.tiny(image_size=18)
-    cfg = V.VQConfig.from_dict({"preset": "tiny", "codebook_size": 64})
-    assert cfg.codebook_size == 64 and cfg.ch == V.tiny().ch
+    assert e.value.key == "image_size"
+    with pytest.raises(ConfigError) as e:
+        V.tiny(ch_mult=(1, 2))  # the same type check as YAML: a list, not a tuple
+    assert e.value.key == "ch_mult"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        V.preset("huge")
+    cfg = V.tiny(codebook_size=64)
+    assert cfg.codebook_size == 64 and cfg.ch == V.tiny().ch and cfg.ch_mult is not V.PRESETS["tiny"]["ch_mult"]
+
+
+def test_tokenizer_config_json_of_earlier_versions_loads(tmp_path):
+    """A config.json written by the pre-split `megacca/tokenizer/vq.py` (this exact text: every field plus the
+    format tag) loads to the same architecture, and save_vq writes it back byte-identically."""
+    old = {"format": "megacca-vq/1", "codebook_size": 512, "codebook_embed_dim": 8, "codebook_l2_norm": True,
+           "codebook_show_usage": False, "commit_loss_beta": 0.25, "codebook_loss_weight": 1.0,
+           "entropy_loss_ratio": 0.0, "entropy_temperature": 0.01, "recon_loss": "l2", "in_channels": 3, "ch": 32,
+           "ch_mult": [1, 1, 2], "num_res_blocks": 1, "z_channels": 64, "dropout_p": 0.0, "norm_groups": 8,
+           "image_size": 16, "resample": "bicubic"}
+    text = json.dumps(old, indent=2) + "\n"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(text)
+    cfg = V.load_vq_config(tmp_path / "old")
+    assert cfg == V.tiny()
+    V.save_vq(V.VQModel(cfg), tmp_path / "new")
+    assert (tmp_path / "new" / "config.json").read_text() == text
+    (tmp_path / "old" / "config.json").write_text(text.replace('"ch": 32', '"ch": 30'))
+    with pytest.raises(ConfigError) as e:
+        V.load_vq_config(tmp_path / "old")
+    assert e.value.key == "norm_groups"
 
 
 # ---- LlamaGen compatibility -----------------------------------------------------------------------------------
@@ -280,15 +311,24 @@ eval: {batch_size: 64, sample_images: 8}
 """
 
 
-def test_train_vq_lowers_loss(tmp_path, image_dir):
-    cfg = tmp_path / "vq.yaml"
-    cfg.write_text(TINY_TRAIN_YAML)
-    out = tmp_path / "vqdir"
-    p = _run(["tokenizers/train_vq.py", cfg, "--data", image_dir, "--out", out])
+@pytest.fixture(scope="module")
+def trained_vq(tmp_path_factory, image_dir):
+    """One run of the real command (the step count given as a dotted override): (yaml, argv, out dir, stdout)."""
+    d = tmp_path_factory.mktemp("train_vq")
+    cfg = d / "vq.yaml"
+    cfg.write_text(TINY_TRAIN_YAML.replace("steps: 80", "steps: 50"))
+    args = [str(cfg), "train.steps=80", "--data", str(image_dir), "--out", str(d / "vqdir")]
+    p = _run(["tokenizers/train_vq.py", *args])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "recon MSE" in p.stdout and "codebook usage" in p.stdout
+    return args, d / "vqdir", p.stdout
+
+
+def test_train_vq_lowers_loss(trained_vq):
+    _, out, stdout = trained_vq
+    assert "recon MSE" in stdout and "codebook usage" in stdout
     rep = json.loads((out / "train_report.json").read_text())
-    assert rep["steps"] == 80 and rep["eval_split"] == "heldout" and rep["eval"]["images"] == 16
+    assert rep["steps"] == 80 and rep["train"]["steps"] == 80 and rep["overrides"] == ["train.steps=80"]
+    assert rep["eval_split"] == "heldout" and rep["eval"]["images"] == 16 and rep["log"][-1]["step"] == 80
     # mean loss over the last 10 steps vs the first 10: 80 Adam steps on 64 two-class bar images must at least
     # halve it (measured ~35x: 0.60 → 0.017); the factor 2 leaves ample room for seed/thread-count noise
     assert rep["final_loss"] < 0.5 * rep["initial_loss"], (rep["initial_loss"], rep["final_loss"])
@@ -298,22 +338,45 @@ def test_train_vq_lowers_loss(tmp_path, image_dir):
     assert m.config.codebook_size == 32
 
 
+def test_train_vq_same_command_same_weights(trained_vq, tmp_path):
+    """Training stops by steps, not by a clock: rerunning the command (here in this process, after the first
+    run in its own) gives bit-identical weights, config and loss log, however long either run took."""
+    tv = _load_script("tokenizers/train_vq.py", "train_vq_rerun")
+    args, first, _ = trained_vq
+    again = tmp_path / "again"
+    threads = torch.get_num_threads()
+    try:
+        assert tv.main([*args[:-1], str(again)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("model.safetensors", "config.json"):
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
+    losses = [[{k: v for k, v in r.items() if k != "elapsed_s"} for r in json.loads((d / "train_report.json")
+              .read_text())["log"]] for d in (first, again)]
+    assert losses[0] == losses[1]
+
+
 def test_train_vq_errors_exit_2(tmp_path, image_dir, capsys):
     tv = _load_script("tokenizers/train_vq.py", "train_vq_under_test")
+
+    def one_line_error(*argv) -> str:
+        assert tv.main([*map(str, argv), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("train_vq: config error: "), err
+        return err
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {preset: tiny}\ntrain: {stepz: 3}\n")
-    assert tv.main([str(bad), "--data", str(image_dir), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "stepz" in err and len(err.strip().splitlines()) == 1
+    assert "train.stepz: unknown key" in one_line_error(bad, "--data", image_dir)
     bad.write_text("model: {preset: tiny, ch_mult: [1, 2], ch: 20}\n")
-    assert tv.main([str(bad), "--data", str(image_dir), "--out", str(tmp_path / "o")]) == 2
-    assert "norm_groups" in capsys.readouterr().err
+    assert "model.norm_groups: channel count 20" in one_line_error(bad, "--data", image_dir)
     good = tmp_path / "good.yaml"
     good.write_text(TINY_TRAIN_YAML)
-    assert tv.main([str(good), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "data directory not found" in err and len(err.strip().splitlines()) == 1
-    assert tv.main([str(tmp_path / "nope.yaml"), "--data", str(image_dir), "--out", str(tmp_path / "o")]) == 2
+    assert "train.steps: must be >= 1" in one_line_error(good, "train.steps=0", "--data", image_dir)
+    assert "train.max_time_s: unknown key" in one_line_error(good, "train.max_time_s=150", "--data", image_dir)
+    assert "model.image_size: expected an integer" in one_line_error(good, "model.image_size=big", "--data", image_dir)
+    assert "--data: data directory not found" in one_line_error(good, "--data", tmp_path / "missing")
+    assert "config file not found" in one_line_error(tmp_path / "nope.yaml", "--data", image_dir)
     assert not (tmp_path / "o").exists()
 
 
@@ -351,19 +414,16 @@ def test_vq_encode_manifest_codes_and_resume(tmp_path, image_dir):
     assert man["kind"] == "codes" and man["format"] == "megacca-shards/1"
     assert man["classes"] == src_man["classes"] and man["captions"] is True
     assert man["vq"]["codebook_size"] == 32 and man["vq"]["grid"] == [4, 4]
-    assert man["vq"]["sha256"] == V.sha256_file(vqdir / "model.safetensors")
+    assert man["vq"]["sha256"] == sha256_file(vqdir / "model.safetensors")
     for split, s in src_man["splits"].items():
         assert man["splits"][split]["count"] == s["count"]
         assert [sh["name"] for sh in man["splits"][split]["shards"]] == [sh["name"] for sh in s["shards"]]
         for sh in man["splits"][split]["shards"]:
             assert sh["sha256"] == hashlib.sha256((out / sh["name"]).read_bytes()).hexdigest()
-    try:  # the shared reader of the shard contract accepts it
-        from megacca.data.shards import read_manifest, verify_shards
-    except ImportError:
-        pass
-    else:
-        read_manifest(str(out))
-        verify_shards(str(out), count_samples=True)
+    from megacca.data.shards import read_manifest, verify_shards  # the shared reader accepts it
+
+    read_manifest(str(out))
+    verify_shards(str(out), count_samples=True)
 
     direct = _direct_codes(model, image_dir)
     got = {}
@@ -396,7 +456,7 @@ def test_vq_encode_manifest_codes_and_resume(tmp_path, image_dir):
     p = _run(["tools/vq_encode.py", "--vq", vqdir, "--src", image_dir, "--out", out, "--workers", "1"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "0 already complete, 3 to encode" in p.stdout
-    assert json.loads((out / "manifest.json").read_text())["vq"]["sha256"] == V.sha256_file(vqdir / "model.safetensors")
+    assert json.loads((out / "manifest.json").read_text())["vq"]["sha256"] == sha256_file(vqdir / "model.safetensors")
 
 
 def test_vq_encode_errors_exit_2(tmp_path, image_dir, capsys):
@@ -407,3 +467,43 @@ def test_vq_encode_errors_exit_2(tmp_path, image_dir, capsys):
     assert "not found" in capsys.readouterr().err
     assert ve.main(["--vq", str(tmp_path / "novq"), "--src", str(image_dir), "--out", str(tmp_path / "o")]) == 2
     assert "VQ directory" in capsys.readouterr().err
+
+
+def test_vq_encode_corrupt_source_then_resume_byte_identical(tmp_path, image_dir, capsys):
+    """A damaged source shard is one exit-2 line naming the shard and the sample key and leaves no partial
+    output; the rerun on the repaired source encodes only what is missing and writes the bytes a clean run does."""
+    import shutil
+
+    from megacca.data.shards import TMP_NAME_RE
+
+    ve = _load_script("tools/vq_encode.py", "vq_encode_under_test")
+    torch.manual_seed(0)
+    vq = tmp_path / "vq"
+    V.save_vq(V.VQModel(small_cfg()).eval(), vq)
+    src = tmp_path / "src"
+    shutil.copytree(image_dir, src)
+    tar = src / "train-000001.tar"  # samples s00040..s00063
+    good = tar.read_bytes()
+    tar.write_bytes(good[:good.index(b"s00045.png") + 512 + 10])  # cut inside s00045's png
+    out, clean = tmp_path / "codes", tmp_path / "clean"
+
+    def args(o):
+        return ["--vq", str(vq), "--src", str(src), "--out", str(o), "--workers", "1"]
+
+    threads = torch.get_num_threads()
+    try:  # --workers 1 encodes in this process (with one torch thread: restored below)
+        assert ve.main(args(out)) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "train-000001.tar" in err and "'s00045'" in err
+        assert (out / "train-000000.tar").exists() and not (out / "train-000001.tar").exists()
+        assert not [p.name for p in out.iterdir() if TMP_NAME_RE.match(p.name)]  # the aborted shard left nothing
+        tar.write_bytes(good)
+        (out / ".heldout-000000.tar.tmp-999999").write_bytes(b"left by a killed run")
+        assert ve.main(args(out)) == 0
+        assert "1 already complete, 2 to encode" in capsys.readouterr().out
+        assert not (out / ".heldout-000000.tar.tmp-999999").exists()
+        assert ve.main(args(clean)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("train-000000.tar", "train-000001.tar", "heldout-000000.tar", "manifest.json"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name

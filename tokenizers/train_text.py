@@ -31,14 +31,11 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
+from megacca.cli import UsageError  # noqa: E402
 from megacca.data.shards import ShardManifestError, iter_tar, read_manifest, shard_paths  # noqa: E402
 
 PROG = "train_text.py"
 JSONL_FIELDS = ("text", "caption", "captions", "prompt", "chosen", "rejected")
-
-
-class UsageError(Exception):
-    """Bad input or arguments: printed as one line, exit code 2."""
 
 
 def _strings(value):

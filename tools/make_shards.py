@@ -5,6 +5,7 @@
     python tools/make_shards.py imagenet    --root DIR --out OUT [--max-per-class N] [--size S]
     python tools/make_shards.py text        --input FILE.jsonl [...] --out OUT
     python tools/make_shards.py pairs       --input FILE.jsonl [...] --out OUT
+    python tools/make_shards.py caption-pairs --src IMAGES_DIR --out OUT
 
 Every subcommand writes ``OUT/<split>-NNNNNN.tar`` and, last, ``OUT/manifest.json``.  Splits: ``train``
 (or ``--split``) and, with ``--heldout-fraction F > 0``, ``heldout``: exactly ``round(F * N)`` samples,
@@ -28,6 +29,10 @@ text
 pairs
     jsonl lines ``{"prompt", "chosen", "rejected"}`` (+ optional ``"prompt_image": path`` relative to
     ``--images``, default the jsonl's folder) → ``KEY.json`` (+ ``KEY.prompt.png``).
+caption-pairs
+    Image→caption preference pairs from a labelled, captioned ``images`` directory (e.g. ``digits``): per
+    image, the prompt is the image (no text), chosen one of its captions, rejected a caption of another
+    class (seeded); keys and splits as in ``--src``. For DPO on captioning (configs/dpo/digits_captions.yaml).
 
 Images are stored as PNG; ``--size S`` resizes the shorter side to S (bicubic) and center-crops S x S.
 Bad input (missing file, malformed jsonl line, unreadable image) is one line naming the file (and line)
@@ -55,7 +60,8 @@ if _REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from megacca.data.shards import SHARD_NAME_RE, ShardWriter, write_manifest  # noqa: E402
+from megacca.cli import UsageError  # noqa: E402
+from megacca.data.shards import MANIFEST_NAME, SHARD_NAME_RE, TMP_NAME_RE, ShardWriter, write_manifest  # noqa: E402
 
 PROG = "make_shards.py"
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -68,10 +74,6 @@ DIGIT_TEMPLATES = [
     "a small grayscale picture of the number {word}",
     "the number {word}, written by hand",
 ]
-
-
-class UsageError(Exception):
-    """Bad arguments or input: printed as one line, exit code 2."""
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def _old_outputs(out: str) -> list[str]:
     if not os.path.isdir(out):
         return []
     return [n for n in os.listdir(out)
-            if n == "manifest.json" or SHARD_NAME_RE.match(n) or re.match(r"^\..*\.tmp-\d+$", n)]
+            if n == MANIFEST_NAME or SHARD_NAME_RE.match(n) or TMP_NAME_RE.match(n)]
 
 
 def check_out(out: str, overwrite: bool) -> None:
@@ -124,7 +126,7 @@ def check_out(out: str, overwrite: bool) -> None:
 def clear_out(out: str) -> None:
     """Create ``out`` and remove old shards/manifest (called once the input has been validated)."""
     os.makedirs(out, exist_ok=True)
-    for n in sorted(_old_outputs(out), key=lambda n: n != "manifest.json"):  # the manifest goes first
+    for n in sorted(_old_outputs(out), key=lambda n: n != MANIFEST_NAME):  # the manifest goes first
         os.unlink(os.path.join(out, n))
 
 
@@ -523,11 +525,57 @@ def cmd_pairs(args) -> dict:
                   image_mode=args.mode if n_img else None)
 
 
+def cmd_caption_pairs(args) -> dict:
+    """Caption preference pairs from a labelled, captioned `images` shard directory (an image→caption DPO set):
+    each image becomes a pair with the image as the prompt (no prompt text), one of its own captions as the
+    chosen response and a caption of an image of another class as the rejected one, drawn with --seed."""
+    from megacca.data.shards import ShardReadError, iter_samples, read_manifest
+
+    try:
+        m = read_manifest(args.src)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if m["kind"] != "images" or not m.get("labels") or not m.get("captions"):
+        raise UsageError(f"--src {args.src}: needs an images shard directory whose samples carry labels and "
+                         f"captions (its manifest: kind {m['kind']}, labels {m.get('labels')}, "
+                         f"captions {m.get('captions')})")
+    try:
+        by_split = {split: list(iter_samples(args.src, split, m)) for split in m["splits"]}
+    except ShardReadError as e:
+        raise UsageError(str(e)) from None
+    captions: dict[int, list[str]] = collections.defaultdict(list)  # every caption of each class, all splits
+    for samples in by_split.values():
+        for smp in samples:
+            meta = json.loads(smp["json"])
+            captions[meta["label"]] += [c for c in meta["captions"] if c not in captions[meta["label"]]]
+    if len(captions) < 2:
+        raise UsageError(f"--src {args.src}: needs at least two classes to make wrong captions")
+    rng = np.random.default_rng(args.seed)
+
+    def gen():
+        for split, samples in by_split.items():
+            for smp in samples:
+                meta = json.loads(smp["json"])
+                label = meta["label"]
+                others = sorted(k for k in captions if k != label)
+                wrong = others[int(rng.integers(len(others)))]
+                chosen = meta["captions"][int(rng.integers(len(meta["captions"])))]
+                rejected = captions[wrong][int(rng.integers(len(captions[wrong])))]
+                yield split, {"__key__": smp["__key__"], "prompt.png": smp["png"],
+                              "json": {"prompt": "", "chosen": chosen, "rejected": rejected,
+                                       "label": label, "rejected_label": wrong}}
+
+    splits = write_splits(args.out, args, gen())
+    return finish(args.out, args, "pairs", splits, "image prompts, captions as responses", source="caption-pairs",
+                  source_detail=f"from {args.src}", image_size=m.get("image_size"), image_mode=m.get("image_mode"),
+                  classes=m.get("classes"))
+
+
 # -- command line ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", metavar="{digits,imagefolder,imagenet,text,pairs}")
+    sub = ap.add_subparsers(dest="cmd", metavar="{digits,imagefolder,imagenet,text,pairs,caption-pairs}")
     sub.required = True
 
     def common(p, heldout_default: float, images: bool):
@@ -575,6 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="folder of prompt_image paths (default: the jsonl's folder)")
     common(p, 0.0, images=True)
     p.set_defaults(fn=cmd_pairs)
+
+    p = sub.add_parser("caption-pairs", help="image->caption preference pairs from a labelled, captioned images "
+                                             "shard directory (chosen: its caption; rejected: another class's)")
+    p.add_argument("--src", required=True, help="images shard directory (e.g. from `digits`)")
+    common(p, 0.0, images=False)
+    p.set_defaults(fn=cmd_caption_pairs)
     return ap
 
 

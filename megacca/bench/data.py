@@ -115,21 +115,28 @@ def bench_vq_encode(vq_dir: Optional[str], images: int = 512, batch: int = 64) -
 
 # ------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="megacca bench data", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="megacca bench data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples:\n  megacca bench data\n"
+                                        "  megacca bench data --vq data/digits/vq\n"
+                                        "  megacca bench data --shards data/digits/codes "
+                                        "--vocab data/digits/vocab.json --skip-models\n")
     ap.add_argument("--shards", default=None, help="codes shard directory to read (default: generate random codes)")
     ap.add_argument("--vocab", default=None,
                     help="vocab.json for --shards (default: a class vocabulary from its manifest)")
     ap.add_argument("--text-model", default=None, help="sentencepiece model for --vocab")
-    ap.add_argument("--samples", type=int, default=4096, help="generated samples")
-    ap.add_argument("--per-shard", type=int, default=256, help="generated samples per shard")
-    ap.add_argument("--grid", type=int, default=16, help="generated code grid (grid x grid)")
-    ap.add_argument("--codebook", type=int, default=16384, help="generated codebook size")
-    ap.add_argument("--classes", type=int, default=1000, help="generated classes")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    ap.add_argument("--seq-length", type=int, default=1024, help="loader sequence length S")
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--shuffle-buffer", type=int, default=1000)
-    ap.add_argument("--loader-seconds", type=float, default=6.0)
+    ap.add_argument("--samples", type=int, default=4096, help="generated samples (default: %(default)s)")
+    ap.add_argument("--per-shard", type=int, default=256, help="generated samples per shard (default: %(default)s)")
+    ap.add_argument("--grid", type=int, default=16, help="generated code grid, grid x grid (default: %(default)s)")
+    ap.add_argument("--codebook", type=int, default=16384, help="generated codebook size (default: %(default)s)")
+    ap.add_argument("--classes", type=int, default=1000, help="generated classes (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: %(default)s)")
+    ap.add_argument("--seq-length", type=int, default=1024, help="loader sequence length S (default: %(default)s)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch (default: %(default)s)")
+    ap.add_argument("--shuffle-buffer", type=int, default=1000,
+                    help="samples per shuffle buffer (default: %(default)s)")
+    ap.add_argument("--loader-seconds", type=float, default=6.0,
+                    help="how long the loader is measured (default: %(default)s)")
     ap.add_argument("--skip-models", action="store_true", help="measure the loader only")
     ap.add_argument("--vq", default=None, help="trained VQ directory for the encode rate (default: tiny preset)")
     args = ap.parse_args(argv)

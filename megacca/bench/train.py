@@ -41,9 +41,12 @@ def _time(step_fn, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def bench_preset(preset: str, steps: int, warmup: int, precision: str, rounds: int) -> dict:
+def build_trainers(preset: str, precision: str):
+    """(cfg, megacca engine, reference trainer, 4 batches): what `bench_preset` times, built once (a test checks
+    that both compute the same step on the same batch)."""
     from megacca.bench.reference import ReferenceTrainer
-    from megacca.distributed.deepspeed_engine import DeepSpeedEngine
+    from megacca.stages.pretrain import NextTokenLoss
+    from megacca.trainer import build_engine
     from megacca.distributed.engine import batch_to, device
 
     shape = SHAPES.get(preset, dict(mb=4, seq=256))
@@ -55,10 +58,15 @@ def bench_preset(preset: str, steps: int, warmup: int, precision: str, rounds: i
     dev = device()
     data = SyntheticSource(cfg.model.vocab_size, cfg.model.seq_length, shape["mb"], 0, 1, seed=0)
     batches = [batch_to(next(data), dev) for _ in range(4)]
-    engine = DeepSpeedEngine(cfg)
+    engine = build_engine(cfg, NextTokenLoss())
     ref = ReferenceTrainer(cfg)
     if torch.cuda.is_available():
         ref.model.to(dev, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    return cfg, engine, ref, batches
+
+
+def bench_preset(preset: str, steps: int, warmup: int, precision: str, rounds: int) -> dict:
+    cfg, engine, ref, batches = build_trainers(preset, precision)
     i = {"n": 0}
 
     def ours():
@@ -73,7 +81,7 @@ def bench_preset(preset: str, steps: int, warmup: int, precision: str, rounds: i
     for r in range(rounds):  # interleave rounds: both see the same background load
         t_ours += _time(ours, steps, warmup if r == 0 else 1)
         t_ref += _time(theirs, steps, warmup if r == 0 else 1)
-    tokens = shape["mb"] * cfg.model.seq_length
+    tokens = batches[0]["tokens"].numel()  # what one step of either trainer processes
     m_ours, m_ref = statistics.median(t_ours), statistics.median(t_ref)
     out = dict(preset=preset, params=sum(p.numel() for p in engine.model.parameters()), tokens=tokens,
                ours_ms=1000 * m_ours, ref_ms=1000 * m_ref, ours_tps=tokens / m_ours, ref_tps=tokens / m_ref,
@@ -91,12 +99,17 @@ def consumption_rate(preset: str, steps: int = 5) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="megacca bench train", description=__doc__)
-    ap.add_argument("--presets", default="debug,small", help="comma-separated model presets")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
+    ap = argparse.ArgumentParser(prog="megacca bench train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples:\n  megacca bench train\n"
+                                        "  megacca bench train --presets debug --steps 5 --rounds 1\n")
+    ap.add_argument("--presets", default="debug,small",
+                    help="comma-separated model presets (megacca/model/presets.py; default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    ap.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"],
+                    help="default: bf16 on a GPU, fp32 on CPU")
     args = ap.parse_args(argv)
     from megacca.distributed.init import init_distributed, shutdown
 

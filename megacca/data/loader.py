@@ -1,9 +1,12 @@
 """The streaming loader: WebDataset shards → packed micro-batches, with exact resume (docs/data-format.md).
 
-Entry point: ``build_webdataset_source(data_cfg, vocab, seq_length, micro_batch_size, dp_rank, dp_size,
+Entry points: ``build_webdataset_source(data_cfg, vocab, seq_length, micro_batch_size, dp_rank, dp_size,
 seed)`` returns a `WebDatasetSource`: an infinite iterator over this data-parallel rank's micro-batches
 (``tokens``/``labels`` int64 ``[mb, S]``, ``loss_mask`` float32 ``[mb, S]``) with ``state_dict()``,
-``load_state_dict()``, ``error_counts()`` and ``close()``.
+``load_state_dict()``, ``error_counts()`` and ``close()``. ``build_alignment_source(data_cfg, align_cfg,
+stage, vocab, seq_length, micro_batch_size, dp_rank, dp_size, seed)`` is the same source in alignment mode
+(stages ``cca`` and ``dpo``): each micro-batch holds ``micro_batch_size`` pairs as ``2 * micro_batch_size``
+unpacked rows (`megacca.data.align`, docs/data-format.md "Alignment batches").
 
 Design (what makes resume exact and cheap)
 ------------------------------------------
@@ -14,7 +17,7 @@ positions ``g, g + slots, ...`` of the permutation); the ``n_shards % slots`` sh
 sample level (the slots sharing one take every ``k``-th sample at their own offset). So in every epoch each
 sample belongs to exactly one slot, and with fewer shards than slots the split is purely by sample.
 
-*Blocks.* A unit is processed as one block: read the shard with webdataset's tar iterators, keep the
+*Blocks.* A unit is processed as one block: read the shard (``megacca.data.shards``), keep the
 slot's samples, tokenize them (cond-dropout and caption choice drawn from an RNG seeded by
 ``(seed, source, epoch, shard, stride, offset)``), shuffle them with webdataset's buffer shuffle
 (``shuffle_buffer``, seeded the same way) and pack them into rows of ``S + 1`` tokens. Nothing crosses a unit
@@ -23,6 +26,13 @@ current shard.
 
 *Mixing.* A slot draws the source of each row by weight with an RNG seeded by ``(seed, slot, row counter)``,
 so the mixing state is just the counter. A slot emits micro-batches of ``mb`` rows.
+
+*Alignment mode.* The same slots, units and cursors, with one item per sample instead of packed rows: a unit
+yields condition → image samples (CCA, from code shards), preference pairs (DPO, from ``pairs`` shards) or
+precomputed pairs (``ref_pairs`` shards), shuffled as above. A micro-batch takes ``mb`` items from one source
+(drawn by weight per micro-batch, so a CCA negative's condition is always of the same task); CCA pairs them
+with an RNG seeded by ``(seed, slot, micro-batch counter)``. The counter is the mixing counter, so the
+position format and the resume logic are those of pretraining.
 
 *Workers.* A torch DataLoader (``batch_size=None``) runs one slot per worker and returns their micro-batches
 round-robin in worker order, so micro-batch ``n`` comes from local slot ``n % W``. Each micro-batch carries its
@@ -37,13 +47,13 @@ tar: everything after the damage), logs a warning and counts it by reason in ``e
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 import os
 import random
-import tarfile
-import zlib
+import reprlib
 from collections import Counter
 from typing import Any, Iterator, Optional
 
@@ -51,24 +61,31 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from megacca.data.align import (REF_PAIR_FIELDS, check_fits, cca_pairs, collate_pairs, dpo_pair, parse_ref_pair,
+                                split_condition)
+from megacca.data.config import resolve_source
 from megacca.data.packing import (BadSample, c2i_tokens, fit_sample, i2t_tokens, interleaved_tokens, pack,
                                   rows_to_batch, t2i_tokens, text_tokens)
+from megacca.data.shards import read_shard_samples, shard_damage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_webdataset_source", "WebDatasetSource", "BadSample", "plan_units", "read_shard_samples"]
+__all__ = ["build_webdataset_source", "build_alignment_source", "WebDatasetSource", "BadSample", "plan_units",
+           "tokenize_sample", "alignment_epoch"]
 
 STATE_FORMAT = "megacca-loader/1"
 TASKS = ("c2i", "t2i", "i2t", "text", "interleaved")
+ALIGN_TASKS = ("c2i", "t2i", "pairs", "ref_pairs")  # what alignment mode reads (pairs: DPO from `pairs` shards)
 ERROR_REASONS = ("corrupt_tar", "empty_shard", "missing_field", "bad_label", "bad_codes", "decode_error",
-                 "too_long")
+                 "too_long", "bad_pair")
 # Tags keep the seeded RNG streams of different purposes apart.
 _TAG_PERM, _TAG_UNIT, _TAG_SHUF, _TAG_MIX = 0x5045524D, 0x554E4954, 0x53485546, 0x4D495820
+_TAG_PAIR = 0x50414952
 _SEED_MASK = (1 << 63) - 1
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading: webdataset tar iteration + safe decoding (no pickle, no torch.load)
+# Decoding members safely (no pickle, no torch.load); reading the tar is megacca.data.shards' job
 # ---------------------------------------------------------------------------------------------------------
 def _npy(data: bytes) -> np.ndarray:
     return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
@@ -86,49 +103,6 @@ _DECODER = wds.autodecode.Decoder(
     [wds.autodecode.handle_extension("npy", _npy), wds.autodecode.handle_extension("json", _json),
      wds.autodecode.handle_extension("txt", _txt)],
     pre=[], post=[])
-
-
-def read_shard_samples(path: str) -> tuple[list[dict], Optional[str], Optional[str]]:
-    """Raw samples of one tar shard via webdataset (``tar_file_iterator`` + ``group_by_keys``).
-
-    Returns ``(samples, error, last_member)``: the samples read (``{"__key__", "__url__", ext: bytes}``), the
-    tar error that stopped reading (None when the archive read cleanly) and the name of the last member the
-    reader reached. When the error strikes inside a member's data, that member's sample is dropped; when it
-    strikes at a header, the samples read so far are all returned (the last one may lack members, which the
-    field checks catch). Callers compare the sample count with the manifest as well.
-    """
-    st = {"last": None, "complete": True, "error": None}
-
-    def note(fname: str) -> str:  # called before each member's data is read
-        st["last"], st["complete"] = fname, False
-        return fname
-
-    def files(f):
-        try:
-            for member in wds.tariterators.tar_file_iterator(f, rename_files=note):
-                st["complete"] = True
-                member["__url__"] = path
-                yield member
-        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
-            st["error"] = f"{type(e).__name__}: {e}"
-
-    samples: list[dict] = []
-    try:
-        with open(path, "rb") as f:
-            for s in wds.tariterators.group_by_keys(files(f)):
-                samples.append(s)
-    except (OSError, ValueError) as e:  # unreadable file, duplicate member names
-        st["error"] = st["error"] or f"{type(e).__name__}: {e}"
-    if st["error"] is not None and not st["complete"] and samples \
-            and samples[-1]["__key__"] == _key_of(st["last"]):
-        samples.pop()
-    return samples, st["error"], st["last"]
-
-
-def _key_of(member: Optional[str]) -> Optional[str]:
-    if not member:
-        return None
-    return wds.tariterators.base_plus_ext(member)[0] or member
 
 
 def _decode(sample: dict, fields: list[str], shard: str) -> dict:
@@ -194,21 +168,27 @@ class _Plan:
 
     def __init__(self, sources: list[_Source], vocab, seq_length: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, workers: int, seed: int, shuffle_buffer: int, cond_dropout: float,
-                 on_error: str):
+                 on_error: str, mode: str = "pretrain", align: Optional[dict] = None):
         self.sources, self.vocab = sources, vocab
         self.seq_length, self.micro_batch_size = int(seq_length), int(micro_batch_size)
         self.dp_rank, self.dp_size, self.workers = int(dp_rank), int(dp_size), int(workers)
         self.slots = self.dp_size * self.workers
         self.seed, self.shuffle_buffer = int(seed), int(shuffle_buffer)
         self.cond_dropout, self.on_error = float(cond_dropout), on_error
+        # "pretrain", or the alignment stage ("cca" / "dpo") with its pairing options: negatives,
+        # uncond_ratio, same_label_positive, ref_logps (keep the pair shards' reference log-probs)
+        self.mode, self.align = mode, dict(align or {})
         w = np.array([s.weight for s in sources], dtype=np.float64)
         self.cum_weights = np.cumsum(w / w.sum())
 
     def fingerprint(self) -> dict:
-        return {"seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "workers": self.workers,
-                "seq_length": self.seq_length, "micro_batch_size": self.micro_batch_size,
-                "shuffle_buffer": self.shuffle_buffer, "cond_dropout": self.cond_dropout,
-                "sources": [s.fingerprint() for s in self.sources]}
+        fp = {"seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "workers": self.workers,
+              "seq_length": self.seq_length, "micro_batch_size": self.micro_batch_size,
+              "shuffle_buffer": self.shuffle_buffer, "cond_dropout": self.cond_dropout,
+              "sources": [s.fingerprint() for s in self.sources]}
+        if self.mode != "pretrain":  # pretraining states saved before alignment mode existed stay loadable
+            fp.update(mode=self.mode, align=self.align)
+        return fp
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,45 +276,87 @@ def _bad(plan: _Plan, err: BadSample, errors: Counter) -> None:
     log.warning("skipping bad input (%s): %s", err.reason, err)
 
 
-def _load_unit(plan: _Plan, src: _Source, epoch: int, unit: tuple[int, int, int],
-               errors: Counter) -> tuple[np.ndarray, np.ndarray]:
+def _pair_sample(sample: dict, vocab, shard: str):
+    """A `pairs` shard sample (json ``{prompt, chosen, rejected}``, optional ``prompt.codes.npy``) → `Pair`."""
+    if "prompt.png" in sample and "prompt.codes.npy" not in sample:
+        raise BadSample("prompt image not VQ-encoded (has prompt.png, no prompt.codes.npy): run tools/vq_encode.py "
+                        "on the pairs shards", "missing_field")
+    fields = ["json"] + (["prompt.codes.npy"] if "prompt.codes.npy" in sample else [])
+    d = _decode(sample, fields, shard)
+    meta = _meta(d)
+    missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(meta.get(k), str)]
+    if missing:
+        raise BadSample(f"json lacks string field(s) {', '.join(missing)}", "missing_field")
+    codes = _check_codes(vocab, d["prompt.codes.npy"], "prompt.codes.npy") if len(fields) > 1 else None
+    if not meta["chosen"].strip() or not meta["rejected"].strip():
+        raise BadSample("empty chosen or rejected response", "bad_pair")
+    if codes is None and not meta["prompt"].strip():
+        raise BadSample("no prompt: neither prompt text nor a prompt image", "missing_field")
+    return dpo_pair(vocab, vocab.encode_text(meta["prompt"]) if meta["prompt"] else [], codes,
+                    vocab.encode_text(meta["chosen"]), vocab.encode_text(meta["rejected"]))
+
+
+def _sample_item(plan: _Plan, src: _Source, sample: dict, shard: str, u_drop: float, u_cap: float):
+    """One raw sample → what a unit holds for it: its packing pieces (pretraining), a `CondImage` (CCA) or a
+    `Pair` (DPO, precomputed pairs). Raises `BadSample` without shard and key in the text."""
+    if plan.mode == "pretrain":
+        tok, has_image = tokenize_sample(src.task, sample, plan.vocab, shard, u_drop, u_cap, plan.cond_dropout)
+        return fit_sample(tok, plan.seq_length, has_image)
+    if src.task in ("c2i", "t2i"):  # CCA: the pretraining layout, never dropped (CCA draws its own <null> rows)
+        tok, _ = tokenize_sample(src.task, sample, plan.vocab, shard, u_drop, u_cap, 0.0)
+        check_fits(tok, plan.seq_length)
+        return split_condition(plan.vocab, tok, _meta(_decode(sample, ["json"], shard)).get("label"))
+    if src.task == "pairs":
+        pair = _pair_sample(sample, plan.vocab, shard)
+    else:
+        pair = parse_ref_pair(_decode(sample, list(REF_PAIR_FIELDS), shard), plan.mode, plan.vocab.vocab_size)
+    check_fits(pair.chosen, plan.seq_length)
+    check_fits(pair.rejected, plan.seq_length)
+    return pair
+
+
+def _unit_items(plan: _Plan, src: _Source, epoch: int, unit: tuple[int, int, int], errors: Counter,
+                shuffle: bool = True) -> list[tuple[str, Any]]:
+    """``(key, item)`` for this unit's samples (see `_sample_item`), bad ones handled by ``on_error``, in the
+    seeded buffer-shuffled order (``shuffle``) or in shard order."""
     shard_idx, stride, offset = unit
     path, expected = src.paths[shard_idx], src.counts[shard_idx]
     raw, err, last_member = read_shard_samples(path)
+    damage = shard_damage(path, len(raw), err, last_member, expected)
+    if damage is not None:
+        _bad(plan, BadSample(str(damage), damage.reason, path, damage.key), errors)
     if not raw:
-        _bad(plan, BadSample(f"{path}: empty shard: no sample (so no sample key) could be read"
-                             f"{' (' + err + ')' if err else ''}; the manifest lists {expected}",
-                             "empty_shard", path, None), errors)
-        return pack([], plan.seq_length, plan.vocab.pad_id)
-    if err is not None or len(raw) < expected:
-        key = _key_of(last_member) or raw[-1]["__key__"]
-        _bad(plan, BadSample(f"{path}: corrupt or truncated tar at sample key {key!r} (damage in or right after "
-                             f"member {last_member!r}): read {len(raw)} of {expected} samples"
-                             f"{' (' + err + ')' if err else ''}",
-                             "corrupt_tar", path, key), errors)
-    elif len(raw) > expected:
+        return []
+    if damage is None and len(raw) > expected:
         log.warning("%s holds %d samples, its manifest says %d", path, len(raw), expected)
     kept = raw[offset::stride]
     rng = np.random.default_rng([plan.seed & _SEED_MASK, _TAG_UNIT, src.index, epoch, shard_idx, stride, offset])
     draws = rng.random((len(kept), 2))
-    groups = []
+    items = []
     for s, (u_drop, u_cap) in zip(kept, draws):
         key = s["__key__"]
         try:
-            tok, has_image = tokenize_sample(src.task, s, plan.vocab, path, float(u_drop), float(u_cap),
-                                             plan.cond_dropout)
-            groups.append(fit_sample(tok, plan.seq_length, has_image))
+            items.append((key, _sample_item(plan, src, s, path, float(u_drop), float(u_cap))))
         except BadSample as e:
             _bad(plan, BadSample(f"{path}: sample key {key!r}: {e}", e.reason, path, key), errors)
         except Exception as e:  # not a known kind of bad input: a bug or an unforeseen case, never skipped
             raise RuntimeError(f"{path}: sample key {key!r}: {type(e).__name__}: {e}") from e
-    if plan.shuffle_buffer > 1 and len(groups) > 1:
+    if shuffle and plan.shuffle_buffer > 1 and len(items) > 1:
         shuffle_seed = np.random.SeedSequence([plan.seed & _SEED_MASK, _TAG_SHUF, src.index, epoch, shard_idx,
                                                stride, offset]).generate_state(2, np.uint64)
         rng_py = random.Random(int(shuffle_seed[0]) << 64 | int(shuffle_seed[1]))
-        shuffle = wds.filters.shuffle(bufsize=plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=rng_py)
-        groups = list(shuffle(iter(groups)))
-    return pack((piece for g in groups for piece in g), plan.seq_length, plan.vocab.pad_id)
+        buffer = wds.filters.shuffle(bufsize=plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=rng_py)
+        items = list(buffer(iter(items)))
+    return items
+
+
+def _load_unit(plan: _Plan, src: _Source, epoch: int, unit: tuple[int, int, int], errors: Counter) -> list:
+    """The unit's rows: packed ``(ids, target)`` rows of ``S + 1`` (pretraining) or its items (alignment)."""
+    items = _unit_items(plan, src, epoch, unit, errors)
+    if plan.mode != "pretrain":
+        return [item for _, item in items]
+    ids, tgt = pack((piece for _, g in items for piece in g), plan.seq_length, plan.vocab.pad_id)
+    return list(zip(ids, tgt))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -347,7 +369,7 @@ class _Cursor:
         d = d or {}
         self.epoch, self.unit, self.row = int(d.get("epoch", 0)), int(d.get("unit", 0)), int(d.get("row", 0))
         self.errors = Counter({k: int(v) for k, v in d.get("errors", {}).items()})  # finished units only
-        self.loaded = None  # (ids, tgt, unit_errors) of the current unit
+        self.loaded = None  # (rows, unit_errors) of the current unit (see `_load_unit`)
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "unit": self.unit, "row": self.row, "errors": dict(self.errors)}
@@ -364,10 +386,10 @@ class _SlotStream:
 
     def _advance(self, c: _Cursor) -> None:
         if c.loaded is not None:
-            c.errors.update(c.loaded[2])
+            c.errors.update(c.loaded[1])
         c.loaded, c.unit, c.row = None, c.unit + 1, 0
 
-    def _next_row(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+    def _next_row(self, s: int):
         plan, src, c = self.plan, self.plan.sources[s], self.cursors[s]
         empty_loads = 0
         while True:
@@ -377,19 +399,18 @@ class _SlotStream:
                     c.epoch, c.unit, c.row = c.epoch + 1, 0, 0
                     continue
                 unit_errors: Counter = Counter()
-                ids, tgt = _load_unit(plan, src, c.epoch, units[c.unit], unit_errors)
-                c.loaded = (ids, tgt, unit_errors)
-                if c.row >= len(ids):
+                c.loaded = (_load_unit(plan, src, c.epoch, units[c.unit], unit_errors), unit_errors)
+                if c.row >= len(c.loaded[0]):
                     self._advance(c)
                     empty_loads += 1
                     if empty_loads > 2 * len(units) + 2:
                         raise RuntimeError(f"source {src.path} (split {src.split}) yields no usable samples for "
                                            f"slot {self.slot} of {plan.slots} over a whole epoch")
                     continue
-            ids, tgt = c.loaded[0], c.loaded[1]
-            out = ids[c.row], tgt[c.row]
+            rows = c.loaded[0]
+            out = rows[c.row]
             c.row += 1
-            if c.row >= len(ids):
+            if c.row >= len(rows):
                 self._advance(c)
             return out
 
@@ -407,16 +428,33 @@ class _SlotStream:
         for c in self.cursors:
             total.update(c.errors)
             if c.loaded is not None:
-                total.update(c.loaded[2])
+                total.update(c.loaded[1])
         return dict(total)
 
+    def _pairs_batch(self) -> dict:
+        """Alignment mode: ``mb`` items of one source → ``mb`` pairs → ``2 * mb`` rows."""
+        plan = self.plan
+        s, counter = self._choose(), self.mix
+        self.mix += 1
+        items = [self._next_row(s) for _ in range(plan.micro_batch_size)]
+        if plan.sources[s].task in ("c2i", "t2i"):
+            a = plan.align
+            rng = np.random.default_rng([plan.seed & _SEED_MASK, _TAG_PAIR, self.slot, counter])
+            items = cca_pairs(plan.vocab, items, negatives=a["negatives"], uncond_ratio=a["uncond_ratio"],
+                              same_label_positive=a["same_label_positive"], rng=rng)
+        return collate_pairs(items, plan.seq_length, plan.vocab.pad_id, pos_like=plan.mode == "cca",
+                             ref_logps=plan.align["ref_logps"])
+
     def next_batch(self) -> dict:
-        rows = []
-        for _ in range(self.plan.micro_batch_size):
-            s = self._choose()
-            self.mix += 1
-            rows.append(self._next_row(s))
-        batch = rows_to_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
+        if self.plan.mode != "pretrain":
+            batch = self._pairs_batch()
+        else:
+            rows = []
+            for _ in range(self.plan.micro_batch_size):
+                s = self._choose()
+                self.mix += 1
+                rows.append(self._next_row(s))
+            batch = rows_to_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
         batch["slot"] = self.local_slot
         batch["pos"] = json.dumps(self.position())
         batch["errors"] = json.dumps(self.error_counts())
@@ -438,7 +476,16 @@ class _SlotsDataset(torch.utils.data.IterableDataset):
         local = self.roles[j]
         stream = _SlotStream(self.plan, local, self.positions.get(local))
         while True:
-            yield stream.next_batch()
+            try:
+                batch = stream.next_batch()
+            except BadSample as e:
+                if info is None:
+                    raise
+                # torch re-raises a worker's exception as its type built from the formatted traceback, which
+                # loses shard, key and reason: hand the error over as data; the main process raises it.
+                yield {"bad_sample": json.dumps([str(e), e.reason, e.shard, e.key])}
+                return
+            yield batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,6 +522,8 @@ class WebDatasetSource:
         if self._it is None:
             self._start()
         item = next(self._it)
+        if "bad_sample" in item:
+            raise BadSample(*json.loads(item["bad_sample"]))
         local = int(item.pop("slot"))
         if local != self._consumed % self._W:  # the DataLoader's round-robin is what resume relies on
             raise RuntimeError(f"micro-batch {self._consumed} came from slot {local}, expected "
@@ -504,7 +553,8 @@ class WebDatasetSource:
         mine, theirs = self._plan.fingerprint(), state.get("fingerprint", {})
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
-            detail = "; ".join(f"{k}: saved {_short(theirs.get(k))} vs now {_short(mine.get(k))}" for k in diff)
+            detail = "; ".join(f"{k}: saved {reprlib.repr(theirs.get(k))} vs now {reprlib.repr(mine.get(k))}"
+                               for k in diff)
             raise ValueError(f"loader state does not match this data layout ({detail})")
         self.close()
         self._consumed = int(state["consumed"])
@@ -531,98 +581,13 @@ class WebDatasetSource:
             pass
 
 
-def _short(v: Any, n: int = 200) -> str:
-    s = json.dumps(v, sort_keys=True)
-    return s if len(s) <= n else s[:n] + "..."
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------------------
-def _peek_first(path: str) -> Optional[dict]:
-    try:
-        with open(path, "rb") as f:
-            files = wds.tariterators.tar_file_iterator(f)
-            for s in wds.tariterators.group_by_keys({**x, "__url__": path} for x in files):
-                return s
-    except (tarfile.TarError, OSError, ValueError):
-        return None
-    return None
-
-
-def _resolve_task(i: int, cfg_task: str, manifest: dict, paths: list[str], where: str) -> str:
-    kind = manifest["kind"]
-    if kind == "images":
-        raise ValueError(f"data.sources[{i}] ({where}) holds raw images; encode them to codes first "
-                         f"(tools/vq_encode.py) and point the source at the codes directory")
-    if kind == "pairs":
-        raise ValueError(f"data.sources[{i}] ({where}) holds preference pairs, which the streaming loader "
-                         f"does not read")
-    if cfg_task != "auto":
-        ok = {"text": ("text",), "c2i": ("codes",), "t2i": ("codes",), "i2t": ("codes",),
-              "interleaved": ("codes", "text")}[cfg_task]
-        if kind not in ok:
-            raise ValueError(f"data.sources[{i}] ({where}): task {cfg_task!r} cannot read {kind!r} shards")
-        return cfg_task
-    if kind == "text":
-        return "text"
-    # codes: captions → t2i, labels only → c2i. Use the manifest's hint when it has one, else the first sample.
-    if manifest.get("captions") is True:
-        return "t2i"
-    if manifest.get("captions") is False and (manifest.get("labels") is True or manifest.get("classes")):
-        return "c2i"
-    first = _peek_first(paths[0]) if paths else None
-    meta = None
-    if first is not None and "json" in first:
-        try:
-            meta = _json(first["json"])
-        except (ValueError, UnicodeDecodeError):
-            meta = None
-    if isinstance(meta, dict) and isinstance(meta.get("captions"), list) and meta["captions"]:
-        return "t2i"
-    if manifest.get("classes") or (isinstance(meta, dict) and meta.get("label") is not None):
-        return "c2i"
-    raise ValueError(f"data.sources[{i}] ({where}): cannot tell the task from the manifest or the first sample; "
-                     f"set data.sources[{i}].task")
-
-
-def _check_vocab(i: int, task: str, manifest: dict, vocab, where: str) -> None:
-    if task == "c2i":
-        if not vocab.num_classes:
-            raise ValueError(f"data.sources[{i}] ({where}) is class-conditional but the vocabulary has no classes")
-        classes = manifest.get("classes")
-        if classes is not None and len(classes) != vocab.num_classes:
-            raise ValueError(f"data.sources[{i}] ({where}) has {len(classes)} classes, the vocabulary "
-                             f"{vocab.num_classes}")
-        names = list(getattr(vocab, "class_names", None) or [])
-        if classes is not None and names and list(classes) != names:
-            raise ValueError(f"data.sources[{i}] ({where}): class names differ from the vocabulary's")
-    if task in ("t2i", "i2t", "text", "interleaved") and (not getattr(vocab, "text_size", 0)
-                                                          or getattr(vocab, "text", True) is None):
-        raise ValueError(f"data.sources[{i}] ({where}) task {task!r} needs text pieces but the vocabulary has "
-                         f"no text model {'attached' if getattr(vocab, 'text_size', 0) else ''} "
-                         f"(set data.text_model)")
-    vq = manifest.get("vq")
-    if task != "text" and isinstance(vq, dict):
-        if isinstance(vq.get("codebook_size"), int) and vq["codebook_size"] != vocab.codebook_size:
-            raise ValueError(f"data.sources[{i}] ({where}) codes come from a codebook of {vq['codebook_size']}, "
-                             f"the vocabulary has {vocab.codebook_size}")
-        theirs = vq.get("vq_sha256") or vq.get("sha256")
-        mine = getattr(vocab, "vq_sha256", None)
-        if isinstance(theirs, str) and isinstance(mine, str) and theirs != mine:
-            raise ValueError(f"data.sources[{i}] ({where}) codes come from VQ weights {theirs[:12]}..., the "
-                             f"vocabulary names {mine[:12]}...")
-
-
-def build_webdataset_source(data_cfg, vocab, seq_length: int, micro_batch_size: int, dp_rank: int = 0,
-                            dp_size: int = 1, seed: int = 0) -> WebDatasetSource:
-    """The streaming loader over ``data_cfg.sources`` for data-parallel rank ``dp_rank`` of ``dp_size``.
-
-    ``data_cfg``: a `megacca.data.config.DataConfig`; ``vocab``: a `UnifiedVocab`; ``seq_length`` S (rows
-    are ``S + 1`` tokens); ``seed``: the data-order seed (the same on every rank).
-    """
-    from megacca.data.shards import read_manifest
-
+def _build_plan(data_cfg, vocab, seq_length: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                stage: str = "pretrain", align_cfg=None, split: Optional[str] = None,
+                workers: Optional[int] = None) -> _Plan:
+    """Check the arguments, resolve the sources (``split`` overrides each source's) and make the plan."""
     if not data_cfg.sources:
         raise ValueError("data.sources is empty")
     if data_cfg.on_error not in ("raise", "skip"):
@@ -633,27 +598,105 @@ def build_webdataset_source(data_cfg, vocab, seq_length: int, micro_batch_size: 
         raise ValueError(f"seq_length and micro_batch_size must be >= 1, got {seq_length}, {micro_batch_size}")
     if data_cfg.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {data_cfg.num_workers}")
-    workers = max(1, int(data_cfg.num_workers))
+    workers = max(1, int(data_cfg.num_workers)) if workers is None else workers
     slots = dp_size * workers
+    reference = getattr(align_cfg, "reference", "model")
     sources = []
     for i, sc in enumerate(data_cfg.sources):
-        where = f"{sc.path}, split {sc.split!r}"
         if sc.weight <= 0:
             raise ValueError(f"data.sources[{i}].weight must be > 0, got {sc.weight}")
-        m = read_manifest(sc.path)
-        if sc.split not in m["splits"]:
-            raise ValueError(f"data.sources[{i}] ({sc.path}) has no split {sc.split!r} "
-                             f"(has: {', '.join(sorted(m['splits']))})")
+        if split is not None:
+            sc = dataclasses.replace(sc, split=split)
+        # the same resolution the CLI checks before ranks start
+        m, task = resolve_source(i, sc, vocab, stage=stage, reference=reference)
         shards = m["splits"][sc.split]["shards"]
         names, counts = [s["name"] for s in shards], [s["count"] for s in shards]
-        if not names:
-            raise ValueError(f"data.sources[{i}] ({where}) lists no shards")
         if sum(counts) < slots:
-            raise ValueError(f"data.sources[{i}] ({where}) has {sum(counts)} samples, fewer than the "
-                             f"{slots} readers (dp_size {dp_size} x num_workers {workers})")
-        task = _resolve_task(i, sc.task, m, [os.path.join(sc.path, n) for n in names], where)
-        _check_vocab(i, task, m, vocab, where)
+            raise ValueError(f"data.sources[{i}] ({sc.path}, split {sc.split!r}) has {sum(counts)} samples, "
+                             f"fewer than the {slots} readers (dp_size {dp_size} x num_workers {workers})")
         sources.append(_Source(i, sc.path, sc.split, task, sc.weight, names, counts))
-    plan = _Plan(sources, vocab, seq_length, micro_batch_size, dp_rank, dp_size, workers, seed,
-                 data_cfg.shuffle_buffer, data_cfg.cond_dropout, data_cfg.on_error)
+    align = None
+    if stage != "pretrain":
+        a = align_cfg
+        align = {"negatives": a.negatives, "uncond_ratio": float(a.uncond_ratio),
+                 "same_label_positive": bool(a.same_label_positive), "ref_logps": a.reference == "precomputed"}
+    return _Plan(sources, vocab, seq_length, micro_batch_size, dp_rank, dp_size, workers, seed,
+                 data_cfg.shuffle_buffer, 0.0 if stage != "pretrain" else data_cfg.cond_dropout, data_cfg.on_error,
+                 mode=stage, align=align)
+
+
+def build_webdataset_source(data_cfg, vocab, seq_length: int, micro_batch_size: int, dp_rank: int = 0,
+                            dp_size: int = 1, seed: int = 0) -> WebDatasetSource:
+    """The streaming loader over ``data_cfg.sources`` for data-parallel rank ``dp_rank`` of ``dp_size``.
+
+    ``data_cfg``: a `megacca.data.config.DataConfig`; ``vocab``: a `UnifiedVocab`; ``seq_length`` S (rows
+    are ``S + 1`` tokens); ``seed``: the data-order seed (the same on every rank).
+    """
+    plan = _build_plan(data_cfg, vocab, seq_length, micro_batch_size, dp_rank, dp_size, seed)
     return WebDatasetSource(plan, data_cfg.num_workers)
+
+
+def build_alignment_source(data_cfg, align_cfg, stage: str, vocab, seq_length: int, micro_batch_size: int,
+                           dp_rank: int = 0, dp_size: int = 1, seed: int = 0) -> WebDatasetSource:
+    """The streaming loader in alignment mode for ``stage`` ``cca`` or ``dpo``: each micro-batch holds
+    ``micro_batch_size`` pairs as ``2 * micro_batch_size`` rows (docs/data-format.md, "Alignment batches").
+
+    ``align_cfg``: the `AlignConfig` (``negatives``, ``uncond_ratio``, ``same_label_positive``: the CCA
+    pairing; ``reference``: ``precomputed`` reads only ``ref_pairs`` shards and yields their ``ref_logps``).
+    Sources: CCA reads code shards as c2i / t2i, DPO reads ``pairs`` shards, both read ``ref_pairs`` shards of
+    their stage. Shuffling, the data-parallel split, ``on_error`` and exact resume are the pretraining
+    loader's; the other arguments are `build_webdataset_source`'s.
+    """
+    if stage not in ("cca", "dpo"):
+        raise ValueError(f"alignment stage must be 'cca' or 'dpo', got {stage!r}")
+    plan = _build_plan(data_cfg, vocab, seq_length, micro_batch_size, dp_rank, dp_size, seed, stage, align_cfg)
+    return WebDatasetSource(plan, data_cfg.num_workers)
+
+
+def alignment_epoch(data_cfg, align_cfg, stage: str, vocab, seq_length: int, micro_batch_size: int, seed: int,
+                    split: Optional[str] = None,
+                    errors: Optional[Counter] = None) -> Iterator[tuple[int, list[tuple[str, Any]]]]:
+    """One epoch of alignment pairs in a fixed order, for tools/precompute_ref_logps.py.
+
+    Every source's split (``split`` overrides it) is read shard by shard in manifest order, each shard's
+    samples in written order (no shuffle), tokenized as the loader tokenizes them (the same caption draws as
+    an unshuffled reader of epoch 0), and cut into micro-batches of ``micro_batch_size`` samples per source
+    (a source's last one may be shorter). CCA batches are paired by the loader's `cca_pairs`, with an RNG
+    seeded by ``(seed, source index, batch index)``. Yields ``(source index, [(sample key, Pair), ...])`` per
+    micro-batch. Bad samples follow ``data.on_error``; with ``skip`` they are counted into ``errors``.
+    """
+    if stage not in ("cca", "dpo"):
+        raise ValueError(f"alignment stage must be 'cca' or 'dpo', got {stage!r}")
+    model_ref = dataclasses.replace(align_cfg, reference="model")  # reads the samples the reference scores
+    plan = _build_plan(data_cfg, vocab, seq_length, micro_batch_size, 0, 1, seed, stage, model_ref, split, 1)
+    errors = Counter() if errors is None else errors
+    a = plan.align
+    for src in plan.sources:
+        if src.task == "ref_pairs":
+            from megacca.config import ConfigError
+
+            raise ConfigError(f"data.sources[{src.index}].path", f"{src.path} already holds precomputed pairs "
+                                                                 f"(ref_pairs); point it at the code or pairs shards")
+        batch: list = []
+        n = 0
+
+        def flush():
+            nonlocal n
+            if src.task in ("c2i", "t2i"):
+                rng = np.random.default_rng([plan.seed & _SEED_MASK, _TAG_PAIR, src.index, n])
+                pairs = cca_pairs(vocab, [it for _, it in batch], negatives=a["negatives"],
+                                  uncond_ratio=a["uncond_ratio"], same_label_positive=a["same_label_positive"],
+                                  rng=rng)
+            else:
+                pairs = [it for _, it in batch]
+            n += 1
+            return src.index, [(k, p) for (k, _), p in zip(batch, pairs)]
+
+        for shard in range(len(src.paths)):
+            for key, item in _unit_items(plan, src, 0, (shard, 1, 0), errors, shuffle=False):
+                batch.append((key, item))
+                if len(batch) == plan.micro_batch_size:
+                    yield flush()
+                    batch = []
+        if batch:
+            yield flush()

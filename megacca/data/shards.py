@@ -1,58 +1,82 @@
-"""WebDataset shard writer and reader shared by every tool (see docs/data-format.md, "Shards").
+"""The one tar shard writer and reader of the project, on webdataset (see docs/data-format.md, "Shards").
 
 A shard directory holds ``<split>-NNNNNN.tar`` files and a ``manifest.json``::
 
-    {"format": "megacca-shards/1", "kind": "images|codes|text|pairs",
+    {"format": "megacca-shards/1", "kind": "images|codes|text|pairs|ref_pairs",
      "splits": {"train": {"count": 1617, "shards": [{"name": "train-000000.tar", "count": 1000,
                                                     "sha256": "...", "bytes": 123456}]}},
      "classes": [...] | null, "image_size": [h, w] | null, "vq": {...} | null, "source": "..."}
 
+webdataset does the tar work (``TarWriter`` writes, ``tar_file_iterator`` + ``group_by_keys`` read); this
+module adds what it leaves to its users: the manifest, byte-identical reruns and one error policy.
+
 Writing
-    ``ShardWriter(out_dir, split, max_count, max_bytes)`` writes samples (dicts with ``__key__`` and one
-    entry per member extension) into ``<split>-NNNNNN.tar`` with ``webdataset.TarWriter``; each shard is
-    written under a hidden temporary name and renamed when it is complete, so a crash never leaves a truncated ``*.tar`` behind.  Shards are
-    byte-for-byte deterministic (fixed mtime/owner/mode, members sorted by extension), so two runs over the
-    same input give identical sha256s.  ``close()`` returns the split entry for the manifest;
+    ``write_shard(path, samples)`` writes one shard file; ``ShardWriter(out_dir, split, max_count,
+    max_bytes)`` spreads a split's samples over ``<split>-NNNNNN.tar`` files.  Samples are dicts with
+    ``__key__`` and one entry per member extension (see ``encode_member``).  A shard is written under a
+    hidden temporary name (``TMP_NAME_RE``) and renamed when complete, so a crash never leaves a truncated
+    ``*.tar`` behind.  Shards are byte-for-byte deterministic (fixed mtime/owner/mode, USTAR, members sorted
+    by extension, samples in write order), so two runs over the same input give identical sha256s.
     ``write_manifest(out_dir, kind, splits, **extra)`` writes ``manifest.json`` atomically (last, so a
     directory without a manifest is an incomplete one).
 
 Reading
-    ``read_manifest(dir)`` validates the manifest and raises ``ShardManifestError`` naming the path when
-    it is missing or corrupt; ``shard_paths`` lists a split's tar files; ``iter_samples`` yields the raw
-    samples of a split (``{"__key__", "__url__", ext: bytes, ...}``); ``verify_shards`` checks counts and
-    sha256s.
+    ``read_manifest(dir)`` validates the manifest and raises ``ShardManifestError`` naming the path when it
+    is missing or corrupt; ``shard_paths`` lists a split's tar files.  ``iter_tar(path)`` streams a shard's
+    raw samples (``{"__key__", "__url__", ext: bytes, ...}``) and raises ``ShardReadError`` naming the shard
+    and the sample key at an unreadable file, a corrupt or truncated tar, or a bad member (no extension,
+    twice in a sample); ``read_shard_samples`` is the same reader for callers that keep what was readable
+    before the damage (the loader's ``on_error=skip``) and judge it with ``shard_damage``.
+    ``iter_samples`` reads a split, ``verify_shards`` checks sha256s and counts.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import tarfile
-from typing import Any, Iterator, Mapping, Optional
+import zlib
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from megacca.fileio import atomic_write_json, sha256_file  # noqa: F401  (re-exported)
 
 import numpy as np
 
 FORMAT = "megacca-shards/1"
-KINDS = ("images", "codes", "text", "pairs")
+KINDS = ("images", "codes", "text", "pairs", "ref_pairs")  # ref_pairs: tools/precompute_ref_logps.py
 MANIFEST_NAME = "manifest.json"
 SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 SHARD_NAME_RE = re.compile(r"^([a-z][a-z0-9_]*)-(\d{6})\.tar$")
+TMP_NAME_RE = re.compile(r"^\..*\.tmp-\d+$")  # a shard being written (or left by a crash): ".NAME.tmp-PID"
 # Fixed tar metadata so that shards are reproducible.
 _TAR_MTIME = 0
 _TAR_MODE = 0o444
 _TAR_USER = "megacca"
+# What a damaged tar raises while webdataset reads it (zlib: a compressed tar someone renamed to .tar).
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
 
 __all__ = [
-    "FORMAT", "KINDS", "ShardManifestError", "ShardWriter", "encode_member", "write_manifest",
-    "read_manifest", "shard_paths", "iter_samples", "verify_shards", "file_sha256", "atomic_write_json",
+    "FORMAT", "KINDS", "ShardManifestError", "ShardReadError", "ShardWriter", "write_shard", "encode_member",
+    "write_manifest", "read_manifest", "shard_paths", "iter_tar", "read_shard_samples", "shard_damage",
+    "iter_samples", "verify_shards", "file_sha256", "atomic_write_json",
 ]
 
 
 class ShardManifestError(ValueError):
     """A shard directory's manifest is missing, unreadable or inconsistent (message names the path)."""
+
+
+class ShardReadError(ValueError):
+    """A tar shard that cannot be read as written; the message names the shard file and the sample key.
+
+    ``reason`` is ``"empty_shard"`` (no sample could be read) or ``"corrupt_tar"``; ``key`` is None when no
+    sample was reached."""
+
+    def __init__(self, message: str, shard: str, key: Optional[str], reason: str):
+        super().__init__(message)
+        self.shard, self.key, self.reason = shard, key, reason
 
 
 file_sha256 = sha256_file  # shard manifests call it by this name
@@ -73,6 +97,9 @@ def encode_member(value: Any) -> bytes:
     raise TypeError(f"cannot store a {type(value).__name__} in a shard (use bytes, str, dict/list or ndarray)")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------
 def _tar_size(nbytes: int) -> int:
     """Bytes one member takes in a tar: 512-byte header + payload padded to 512."""
     return 512 + ((nbytes + 511) // 512) * 512
@@ -83,13 +110,90 @@ def _file_size(nbytes: int) -> int:
     return -(-nbytes // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
+def _members(sample: Mapping[str, Any]) -> tuple[str, dict[str, bytes]]:
+    """Check a sample's key and member names; returns ``(key, {ext: bytes})``."""
+    key = sample.get("__key__")
+    if not isinstance(key, str) or not key or "." in key or key.startswith("_"):
+        raise ValueError(f"bad sample key {key!r}: need a non-empty string without '.', not starting with '_'")
+    members = {}
+    for ext, value in sample.items():
+        if ext.startswith("_"):
+            continue
+        # webdataset's reader lowercases extensions, so an upper-case one would not read back as written
+        if not ext or ext.startswith(".") or ext.endswith(".") or "/" in ext or ext != ext.lower():
+            raise ValueError(f"sample {key!r}: bad member extension {ext!r}")
+        members[ext] = encode_member(value)
+    if not members:
+        raise ValueError(f"sample {key!r} has no members")
+    return key, members
+
+
+class _ShardFile:
+    """One tar shard being written: webdataset's TarWriter on a hidden temporary file, renamed by ``close``.
+
+    ``keys``: the keys already used where this file's samples must be unique (shared by the files of a split).
+    """
+
+    def __init__(self, path: str, keys: set):
+        import webdataset  # imported lazily: it pulls in torch (seconds), which manifest readers do not need
+
+        self.path = os.fspath(path)
+        head, name = os.path.split(self.path)
+        self.name, self.keys = name, keys
+        self.tmp = os.path.join(head, f".{name}.tmp-{os.getpid()}")
+        self.count, self.tar_bytes = 0, 1024  # the end-of-archive blocks
+        self._file = open(self.tmp, "wb")
+        # Values are encoded by us (encoder=False); fixed mtime/owner/mode + USTAR make the bytes reproducible.
+        self._tar = webdataset.TarWriter(self._file, user=_TAR_USER, group=_TAR_USER, mode=_TAR_MODE,
+                                         encoder=False, mtime=_TAR_MTIME, compress=False)
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        if key in self.keys:
+            raise ValueError(f"duplicate sample key {key!r} in {self.name}")
+        self._tar.write({"__key__": key, **members})  # TarWriter writes members sorted by extension
+        self.keys.add(key)
+        self.count += 1
+        self.tar_bytes += sum(_tar_size(len(v)) for v in members.values())
+
+    def close(self) -> dict:
+        """Finish and rename the file; returns its manifest entry ``{name, count, sha256, bytes}``."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return {"name": self.name, "count": self.count, "sha256": file_sha256(self.path),
+                "bytes": os.path.getsize(self.path)}
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._tar.close()
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+def write_shard(path: str, samples: Iterable[Mapping[str, Any]]) -> dict:
+    """Write ``samples`` as the one shard file ``path``; returns its manifest entry ``{name, count, sha256,
+    bytes}``.  The file appears complete or not at all: an exception (also one raised by ``samples``) removes
+    the temporary file and propagates."""
+    f = _ShardFile(path, set())
+    try:
+        for sample in samples:
+            f.add(*_members(sample))
+    except BaseException:
+        f.abort()
+        raise
+    return f.close()
+
+
 class ShardWriter:
     """Write the samples of one split into ``<split>-NNNNNN.tar`` shards.
 
     A new shard starts when the current one holds ``max_count`` samples or the next sample would make its
     file (tar records are 10 KiB) bigger than ``max_bytes``; a sample that alone exceeds ``max_bytes`` gets
-    a shard of its own.  Keys must be
-    unique within the split and must not contain ``.`` (WebDataset splits the member name at the first dot).
+    a shard of its own.  Keys must be unique within the split and must not contain ``.`` (WebDataset splits
+    the member name at the first dot).
 
     Use as a context manager: a clean exit closes it, an exception aborts it (removes the temporary file
     and every shard this writer completed).
@@ -110,72 +214,30 @@ class ShardWriter:
         self.shards: list[dict] = []
         self.count = 0
         self._keys: set[str] = set()
-        self._file = None
-        self._tar = None
-        self._tmp: Optional[str] = None
-        self._cur_count = 0
-        self._cur_bytes = 0
+        self._cur: Optional[_ShardFile] = None
         self._closed = False
 
-    # -- internals -------------------------------------------------------------------------------------
-    def _shard_name(self, index: int) -> str:
-        return f"{self.split}-{index:06d}.tar"
-
-    def _open_next(self) -> None:
-        name = self._shard_name(len(self.shards))
-        self._tmp = os.path.join(self.out_dir, f".{name}.tmp-{os.getpid()}")
-        import webdataset  # imported lazily: it pulls in torch (seconds), which readers do not need
-
-        self._file = open(self._tmp, "wb")
-        # Values are encoded by us (encoder=False); fixed mtime/owner/mode + USTAR make the bytes reproducible.
-        self._tar = webdataset.TarWriter(self._file, user=_TAR_USER, group=_TAR_USER, mode=_TAR_MODE,
-                                         encoder=False, mtime=_TAR_MTIME, compress=False)
-        self._cur_count = 0
-        self._cur_bytes = 1024  # end-of-archive blocks
-
     def _finish_current(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        name = self._shard_name(len(self.shards))
-        final = os.path.join(self.out_dir, name)
-        os.replace(self._tmp, final)
-        self.shards.append({"name": name, "count": self._cur_count, "sha256": file_sha256(final),
-                            "bytes": os.path.getsize(final)})
-        self._tar = self._file = self._tmp = None
+        if self._cur is not None:
+            self.shards.append(self._cur.close())
+            self._cur = None
 
-    # -- API -------------------------------------------------------------------------------------------
     def write(self, sample: Mapping[str, Any]) -> None:
         """Add one sample: ``{"__key__": str, "png": bytes, "json": dict, ...}`` (see ``encode_member``)."""
         if self._closed:
             raise RuntimeError(f"ShardWriter for split {self.split!r} in {self.out_dir} is closed")
-        key = sample.get("__key__")
-        if not isinstance(key, str) or not key or "." in key or key.startswith("_"):
-            raise ValueError(f"bad sample key {key!r}: need a non-empty string without '.', not starting with '_'")
+        key, members = _members(sample)
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in split {self.split!r}")
-        members = {}
-        for ext, value in sample.items():
-            if ext.startswith("_"):
-                continue
-            if not ext or ext.startswith(".") or ext.endswith(".") or "/" in ext:
-                raise ValueError(f"sample {key!r}: bad member extension {ext!r}")
-            members[ext] = encode_member(value)
-        if not members:
-            raise ValueError(f"sample {key!r} has no members")
         size = sum(_tar_size(len(v)) for v in members.values())
-        if self._tar is not None and self._cur_count > 0 and (
-                self._cur_count >= self.max_count or _file_size(self._cur_bytes + size) > self.max_bytes):
+        cur = self._cur
+        if cur is not None and cur.count > 0 and (
+                cur.count >= self.max_count or _file_size(cur.tar_bytes + size) > self.max_bytes):
             self._finish_current()
-        if self._tar is None:
-            self._open_next()
-        self._tar.write({"__key__": key, **members})  # TarWriter writes members sorted by extension
-        self._keys.add(key)
-        self._cur_count += 1
-        self._cur_bytes += size
+        if self._cur is None:
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self._cur = _ShardFile(os.path.join(self.out_dir, name), self._keys)
+        self._cur.add(key, members)
         self.count += 1
 
     def close(self) -> dict:
@@ -187,19 +249,12 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop everything this writer wrote (temporary file and completed shards)."""
-        if self._tar is not None:
-            try:
-                self._tar.close()
-            except Exception:
-                pass
-            self._file.close()
-        if self._tmp and os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+        if self._cur is not None:
+            self._cur.abort()
+            self._cur = None
         for s in self.shards:
-            p = os.path.join(self.out_dir, s["name"])
-            if os.path.exists(p):
-                os.unlink(p)
-        self._tar = self._file = self._tmp = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.out_dir, s["name"]))
         self.shards = []
         self.count = 0
         self._closed = True
@@ -214,6 +269,9 @@ class ShardWriter:
             self.abort()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------------------
 def write_manifest(out_dir: str, kind: str, splits: Mapping[str, Mapping], **extra) -> dict:
     """Write ``out_dir/manifest.json`` atomically and return it.
 
@@ -318,35 +376,116 @@ def shard_paths(path: str, split: str, manifest: Optional[dict] = None) -> list[
     return [os.path.join(d, sh["name"]) for sh in m["splits"][split]["shards"]]
 
 
-def iter_tar(tar_path: str) -> Iterator[dict]:
-    """Raw samples of one tar shard: ``{"__key__", "__url__", ext: bytes}`` (members grouped by key)."""
-    cur: Optional[dict] = None
-    with tarfile.open(tar_path, mode="r|") as tf:
-        for ti in tf:
-            if not ti.isfile():
-                continue
-            base = os.path.basename(ti.name)
-            if "." not in base:
-                raise ValueError(f"{tar_path}: member {ti.name!r} has no extension")
-            prefix = os.path.dirname(ti.name)
-            key, ext = base.split(".", 1)
-            key = f"{prefix}/{key}" if prefix else key
-            data = tf.extractfile(ti).read()
-            if cur is None or cur["__key__"] != key:
-                if cur is not None:
-                    yield cur
-                cur = {"__key__": key, "__url__": tar_path}
-            if ext in cur:
-                raise ValueError(f"{tar_path}: duplicate member {ti.name!r}")
-            cur[ext] = data
-    if cur is not None:
-        yield cur
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------
+def _key_of(member: Optional[str]) -> Optional[str]:
+    """The sample key of a member name (webdataset's split at the first dot of the base name)."""
+    if not member:
+        return None
+    import webdataset as wds
+
+    return wds.tariterators.base_plus_ext(member)[0] or member
+
+
+def _describe(e: BaseException, fileobj: Any = None) -> str:
+    """``Type: message`` of a read error, without the context webdataset's handlers append to its args."""
+    msg = str(e.args[0]) if e.args else str(e)
+    if fileobj is not None:
+        msg = msg.removesuffix(f" @ {fileobj}")
+    return f"{type(e).__name__}: {msg}"
+
+
+def _tar_samples(path: str, st: dict) -> Iterator[dict]:
+    """Raw samples of one tar file through webdataset (``tar_file_iterator`` + ``group_by_keys``).
+
+    Stops at the first damage and records it in ``st``: ``error`` (the message; None while clean), ``last``
+    (the name of the last member reached) and ``complete`` (whether that member's data was read)."""
+    import webdataset as wds
+
+    def note(fname: str) -> str:  # webdataset calls it before it reads a member's data
+        st["last"], st["complete"] = fname, False
+        return fname
+
+    def files(f):
+        try:
+            for member in wds.tariterators.tar_file_iterator(f, rename_files=note):
+                st["complete"] = True
+                if wds.tariterators.base_plus_ext(member["fname"])[0] is None:  # group_by_keys would drop it
+                    raise ValueError(f"member {member['fname']!r} has no extension")
+                member["__url__"] = path
+                yield member
+        except _TAR_ERRORS as e:
+            st["error"] = _describe(e, f)
+
+    try:
+        with open(path, "rb") as f:
+            yield from wds.tariterators.group_by_keys(files(f))
+    except (OSError, ValueError) as e:  # unreadable file; a member twice in one sample
+        st["error"] = st["error"] or _describe(e)
+
+
+def read_shard_samples(path: str) -> tuple[list[dict], Optional[str], Optional[str]]:
+    """Every sample of one tar shard that could be read, for callers that go on past damage.
+
+    Returns ``(samples, error, last_member)``: the samples read (``{"__key__", "__url__", ext: bytes}``), the
+    error that stopped reading (None when the archive read cleanly) and the name of the last member the
+    reader reached. When the error strikes inside a member's data, that member's sample is dropped; when it
+    strikes at a header, the samples read so far are all returned (the last one may lack members, which
+    field checks catch). ``shard_damage`` turns the result, with the manifest's count, into the error.
+    """
+    st = {"last": None, "complete": True, "error": None}
+    samples = list(_tar_samples(path, st))
+    if st["error"] is not None and not st["complete"] and samples \
+            and samples[-1]["__key__"] == _key_of(st["last"]):
+        samples.pop()
+    return samples, st["error"], st["last"]
+
+
+def shard_damage(path: str, n_read: int, error: Optional[str], last_member: Optional[str],
+                 expected: Optional[int] = None) -> Optional[ShardReadError]:
+    """The `ShardReadError` for a read of ``path`` that stopped on ``error`` or gave fewer than ``expected``
+    samples (a zeroed header reads as a clean end of archive: only the count tells), else None.  It names the
+    sample key of the last member reached; with no member reached, the shard counts as empty."""
+    why = f" ({error})" if error else ""
+    if last_member is None and (error is not None or expected):
+        listed = f"; the manifest lists {expected}" if expected is not None else ""
+        return ShardReadError(f"{path}: empty shard: no sample (so no sample key) could be read{why}{listed}",
+                              path, None, "empty_shard")
+    if error is not None or (expected is not None and n_read < expected):
+        key = _key_of(last_member)
+        of = f" of {expected}" if expected is not None else ""
+        return ShardReadError(f"{path}: corrupt or truncated tar at sample key {key!r} (damage in or right after "
+                              f"member {last_member!r}): read {n_read}{of} samples{why}", path, key, "corrupt_tar")
+    return None
+
+
+def iter_tar(path: str, expected: Optional[int] = None) -> Iterator[dict]:
+    """Stream the raw samples of one tar shard (``{"__key__", "__url__", ext: bytes}``), in written order.
+
+    Raises `ShardReadError` naming the shard and the sample key at the first damage, or at the end when
+    ``expected`` is given and fewer samples were read.  A sample the damage may have cut short is not
+    yielded: each is held back until the next one has started or the read has ended cleanly."""
+    st = {"last": None, "complete": True, "error": None}
+    held, n = None, 0
+    with contextlib.closing(_tar_samples(path, st)) as samples:
+        for s in samples:
+            if held is not None:
+                yield held
+            held, n = s, n + 1
+    err = shard_damage(path, n, st["error"], st["last"], expected)
+    # After damage the last sample is whole only if the damage struck the next sample's first member.
+    if held is not None and (err is None or held["__key__"] != _key_of(st["last"])):
+        yield held
+    if err is not None:
+        raise err
 
 
 def iter_samples(path: str, split: str = "train", manifest: Optional[dict] = None) -> Iterator[dict]:
-    """All raw samples of a split, shard by shard, in written order."""
-    for p in shard_paths(path, split, manifest):
-        yield from iter_tar(p)
+    """All raw samples of a split, shard by shard, in written order (`ShardReadError` on damage)."""
+    m = manifest if manifest is not None else read_manifest(path)
+    for p, sh in zip(shard_paths(path, split, m), m["splits"][split]["shards"]):
+        yield from iter_tar(p, sh["count"])
 
 
 def verify_shards(path: str, count_samples: bool = False) -> dict:

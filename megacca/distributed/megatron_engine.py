@@ -4,12 +4,10 @@
 ranks, ZeRO-1 style); 0 keeps a full optimizer per rank. Pipelines (pp>1) run megatron's 1F1B schedule; every
 stage reads the same micro-batches (stages other than the first and last only use the token ids, for 2D rotary).
 Checkpoints are megatron distributed checkpoints (torch_dist), so a model saved at one tp/pp layout loads at
-another (`load_model_weights`).
+another (`megacca.checkpoint.load_model_weights`).
 """
 from __future__ import annotations
 
-import logging
-import queue
 from functools import partial
 from pathlib import Path
 
@@ -20,20 +18,28 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megacca.config import Config
-from megacca.distributed.engine import StepResult, batch_to, device, global_loss_tokens, reduce_loss_sum
-from megacca.model.gpt import build_model
+from megacca.checkpoint import load_model_weights, save_dist_checkpoint
+from megacca.distributed.engine import (StepLoss, StepResult, add_sums, batch_to, device, global_units,
+                                        reduce_sums)
+from megacca.model.gpt import summed_logprobs
 from megacca.optim import lr_at
 from megacca.safe_load import restricted_pickle
 
-log = logging.getLogger(__name__)
 # dp_reshardable: each rank saves its own optimizer-state shards (no gather), loadable at another dp size.
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class MegatronEngine:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    """`build_model(cfg)` builds this rank's model (one pipeline stage), `loss` is the stage's `StepLoss`;
+    `init_from` gives the starting weights; `reference_from` builds a frozen reference model (no DDP, no
+    optimizer; under pp it runs through a forward-only pipeline pass)."""
+
+    def __init__(self, cfg: Config, build_model, loss: StepLoss, init_from: Path | None = None,
+                 reference_from: Path | None = None):
+        self.cfg, self.loss = cfg, loss
         model = build_model(cfg)
+        if init_from is not None:
+            load_model_weights(model, init_from)
         if torch.cuda.is_available():
             # torch norms (and rotary buffers) are built on CPU; DDP buckets must see every param on the GPU.
             model.cuda(torch.cuda.current_device())
@@ -56,45 +62,78 @@ class MegatronEngine:
             [self.ddp])
         self.model = model
         self._device = device()
+        self.reference = None
+        if reference_from is not None:
+            ref = build_model(cfg)
+            load_model_weights(ref, reference_from)
+            ref.requires_grad_(False)
+            self.reference = ref.eval().to(self._device)
 
     # -- training ---------------------------------------------------------------------------------------
+    def _schedule(self, model, micro_batches: list[dict], forward_step, forward_only: bool) -> list[dict]:
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+            num_microbatches=len(micro_batches), seq_length=self.cfg.model.seq_length,
+            micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=forward_only)
+
+    @torch.no_grad()
+    def _fill_reference_logps(self, micro_batches: list[dict]) -> None:
+        """`mb["ref_logps"]` on the last pipeline stage (where the loss runs), by a forward-only pass."""
+
+        def ref_step(data_iterator, model):
+            mb = next(data_iterator)
+            out = model(mb["tokens"], None, None, labels=mb["labels"])
+
+            def keep(nll):
+                mb["ref_logps"] = summed_logprobs(nll, mb["loss_mask"])
+                return nll.new_zeros(()), {}
+
+            return out, keep
+
+        self._schedule(self.reference, micro_batches, ref_step, forward_only=True)
+
     def _forward_step(self, scale: float, data_iterator, model):
         mb = next(data_iterator)
         out = model(mb["tokens"], None, None, labels=mb["labels"])
 
         def loss_func(nll):
-            loss_sum = (nll.float() * mb["loss_mask"]).sum()
-            return loss_sum * scale, {"loss_sum": loss_sum.detach()}
+            loss_sum, metric_sums = self.loss(mb, nll)
+            return loss_sum * scale, {"loss": loss_sum.detach(), **{k: v.detach() for k, v in metric_sums.items()}}
 
         return out, loss_func
 
-    def forward_backward(self, micro_batches: list[dict]) -> tuple[float, float]:
-        """Gradients of the global-batch token-mean loss into the DDP grad buffers (`param.main_grad`).
-        Returns (loss, loss tokens)."""
-        cfg = self.cfg
-        n_tokens = global_loss_tokens(micro_batches).item()
+    def forward_backward(self, micro_batches: list[dict]) -> tuple[dict, float]:
+        """Gradients of the global-batch loss (sum over units / units in the global batch) into the DDP grad
+        buffers (`param.main_grad`). Returns ({"loss": ..., metric: ...} as global means, units)."""
+        n_units = float(global_units(micro_batches, self.loss))
         num_mb = len(micro_batches)
         # The schedule divides each micro-batch loss by num_mb and DDP averages over dp; undo both so the
-        # gradient is that of (sum of all loss-token NLLs) / (loss tokens in the global batch).
-        scale = parallel_state.get_data_parallel_world_size() * num_mb / n_tokens
+        # gradient is that of (sum of the loss over the global batch's units) / (its number of units).
+        scale = parallel_state.get_data_parallel_world_size() * num_mb / n_units
+        micro_batches = [batch_to(mb, self._device) for mb in micro_batches]
+        if self.reference is not None:
+            self._fill_reference_logps(micro_batches)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, scale),
-            data_iterator=iter([batch_to(mb, self._device) for mb in micro_batches]),
-            model=[self.ddp], num_microbatches=num_mb, seq_length=cfg.model.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
-        local = sum((d["loss_sum"].double() for d in losses), torch.zeros((), dtype=torch.float64))
-        return reduce_loss_sum(local, only_last_stage=True) / n_tokens, n_tokens
+        outputs = self._schedule(self.ddp, micro_batches, partial(self._forward_step, scale), forward_only=False)
+        sums: dict = {}
+        for d in outputs:
+            add_sums(sums, d["loss"], {k: v for k, v in d.items() if k != "loss"})
+        totals = reduce_sums(sums, self.loss, only_last_stage=True)
+        return {k: v / n_units for k, v in totals.items()}, n_units
 
     def train_step(self, micro_batches: list[dict], step: int) -> StepResult:
         lr = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, n_tokens = self.forward_backward(micro_batches)
+            # megatron's groups mark norms wd_mult=0, but only its LR scheduler (unused here) applies the
+            # multiplier; without this, AdamW would decay the norms too (the DeepSpeed engine does not).
+            group["weight_decay"] = self.cfg.optim.weight_decay * group.get("wd_mult", 1.0)
+        means, n_units = self.forward_backward(micro_batches)
         _, grad_norm, _ = self.optimizer.step()
+        loss = means.pop("loss")
         return StepResult(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                          lr=lr, tokens=int(n_tokens))
+                          lr=lr, tokens=int(n_units), metrics=means)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _sharded(self, is_loading: bool) -> dict:
@@ -103,7 +142,7 @@ class MegatronEngine:
                 "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPT_META)}
 
     def save(self, ckpt_dir: Path) -> None:
-        save_dist_checkpoint(self._sharded(is_loading=False), ckpt_dir)
+        save_dist_checkpoint(self._sharded(is_loading=False), ckpt_dir / "engine")
 
     def load(self, ckpt_dir: Path) -> None:
         if self.cfg.parallel.zero_stage == 1:
@@ -118,7 +157,7 @@ class MegatronEngine:
                 for g, lr in zip(opt.optimizer.param_groups, lrs):
                     g["lr"] = lr
         with restricted_pickle():
-            state = dist_checkpointing.load(self._sharded(is_loading=True), str(ckpt_dir))
+            state = dist_checkpointing.load(self._sharded(is_loading=True), str(ckpt_dir / "engine"))
         self.model.load_state_dict(state["model"])
         with torch.no_grad():  # the fp32 main-param shards are leaf tensors that require grad
             self.optimizer.load_state_dict(state["optimizer"])
@@ -133,28 +172,3 @@ class MegatronEngine:
                 (step,) = {g["step"] for g in saved["optimizer"]["param_groups"]}
                 for st in opt.optimizer.state.values():
                     st["step"] = torch.tensor(float(step))
-
-def save_dist_checkpoint(sharded_state: dict, ckpt_dir: str | Path) -> None:
-    """Synchronous megatron distributed checkpoint save into a new directory (every rank calls)."""
-    ckpt_dir = Path(ckpt_dir)
-    if torch.distributed.get_rank() == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    # megatron's torch_dist writer collects results through a multiprocessing Manager queue, whose server
-    # process outlives a SIGKILLed trainer (keeping its stdout open, so launchers and pipes never see EOF).
-    # Our saves are synchronous: the writer runs in this process, and a plain in-process queue suffices.
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-    dist_checkpointing.save(sharded_state, str(ckpt_dir))
-
-
-def load_model_weights(model, ckpt_dir: str | Path) -> None:
-    """Load only the model from a megatron distributed checkpoint, at this process's tp/pp layout."""
-    ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / "engine").is_dir():  # a megacca checkpoint directory
-        ckpt_dir = ckpt_dir / "engine"
-    with restricted_pickle():
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
-    model.load_state_dict(state["model"])

@@ -9,14 +9,11 @@ flash/mem-efficient kernels on GPU and a fused kernel on CPU). Our models are al
 from __future__ import annotations
 
 import importlib.util
-import logging
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-log = logging.getLogger(__name__)
 
 try:  # GPU-only extra
     from flash_attn import flash_attn_func

@@ -2,7 +2,7 @@
 
 Training FLOPs per token = 6 * (matmul parameters) + 12 * layers * hidden * seq (PaLM appendix B; attention
 scores and values counted over the full S x S square, as kernels compute them). Matmul parameters exclude the
-input embedding (a lookup) and norms, and include the output layer. `tests/test_flops.py` checks the formula
+input embedding (a lookup) and norms, and include the output layer. `tests/test_model.py` checks the formula
 against torch's FlopCounterMode on the real model.
 """
 from __future__ import annotations

@@ -56,8 +56,10 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        # CPU init draws the full weight with one generator and slices it, so every tp/pp layout starts from
-        # the same weights (what parity tests and resharding rely on). On GPU it is only slower.
+        # CPU init draws the full weight with one generator and slices it, so every tp layout starts from the
+        # same weights (what the tp parity tests rely on). Pipeline stages build only their own layers, so they
+        # draw in another order: a pp>1 run starts from other weights unless it loads them (train.init_from).
+        # On GPU it is only slower.
         use_cpu_initialization=not on_gpu,
         # Fused kernels need CUDA (and apex / TE); torch paths on CPU.
         bias_activation_fusion=False,

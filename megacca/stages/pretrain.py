@@ -6,7 +6,22 @@ WebDataset streaming loader from `data.kind`.
 from __future__ import annotations
 
 from megacca.config import Config
+from megacca.model.gpt import summed_logprobs
 from megacca.trainer import Trainer
+
+
+class NextTokenLoss:
+    """Mean next-token NLL over every loss token of the global batch (the engine divides the sum by the
+    global token count)."""
+
+    reference = False
+    metric_names = ()
+
+    def units(self, mb: dict) -> float:
+        return float(mb["loss_mask"].sum())
+
+    def __call__(self, mb: dict, nll):
+        return -summed_logprobs(nll, mb["loss_mask"]).sum(), {}
 
 
 def build_data(cfg: Config, dp_rank: int, dp_size: int):
@@ -26,4 +41,7 @@ def build_data(cfg: Config, dp_rank: int, dp_size: int):
 
 
 def run(cfg: Config) -> list[dict]:
-    return Trainer(cfg, build_data).fit()
+    from megacca.checkpoint import resolve_checkpoint
+
+    init = resolve_checkpoint(cfg.train.init_from) if cfg.train.init_from else None
+    return Trainer(cfg, build_data, NextTokenLoss(), init_from=init).fit()

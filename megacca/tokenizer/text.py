@@ -48,9 +48,6 @@ class TextTokenizer:
             raise TypeError(f"TextTokenizer.encode expects str, got {type(s).__name__}")
         return list(self._sp.EncodeAsIds(s))
 
-    def encode_pieces(self, s: str) -> list[str]:
-        return list(self._sp.EncodeAsPieces(s))
-
     def decode(self, ids: Iterable[int]) -> str:
         """Text of sentencepiece ids; raises ValueError for an id outside ``[0, vocab_size)``."""
         ids = [int(i) for i in ids]
@@ -61,6 +58,3 @@ class TextTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.IdToPiece(int(i))
-
-    def piece_to_id(self, piece: str) -> int:
-        return int(self._sp.PieceToId(piece))

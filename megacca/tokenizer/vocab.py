@@ -37,6 +37,11 @@ Manifest (``save`` / ``to_manifest``)::
 sha256.  ``check_compatible`` compares every field that changes what an id means (everything but
 ``text_model``); ``vq_sha256`` of ``None`` on either side means "unknown" and matches any value.
 
+The vocabulary checks of a run live here: ``load_manifest`` reads and validates ``vocab.json`` (the config
+takes the model's vocabulary size, ``<boi>`` id and image grid from it), ``check_checkpoint`` refuses to resume
+a checkpoint on another vocabulary, ``check_fits_shards`` asks whether a shard directory's classes, text and
+codes can be expressed (the loader and the CLI's check before any rank starts both call it).
+
 Command line (write or show a manifest)::
 
     python megacca/tokenizer/vocab.py --text-model tok.model --codebook-size 512 --image-grid 8 8 \\
@@ -58,7 +63,8 @@ if __package__ in (None, ""):  # run as a script: make `megacca` importable
 from megacca.fileio import atomic_write_json  # noqa: E402
 from megacca.tokenizer.text import TextTokenizer  # noqa: E402
 
-__all__ = ["UnifiedVocab", "VocabMismatchError", "FORMAT", "SPECIALS"]
+__all__ = ["UnifiedVocab", "VocabMismatchError", "FORMAT", "SPECIALS", "load_manifest", "check_checkpoint",
+           "check_fits_shards"]
 
 FORMAT = "megacca-vocab/1"
 SPECIALS: dict[str, int] = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<boi>": 3, "<eoi>": 4, "<null>": 5,
@@ -73,7 +79,8 @@ _COMPARED = ("format", "specials", "class_names", "num_classes", "text_model_sha
 
 
 class VocabMismatchError(ValueError):
-    """Two vocabularies (manifests, or a manifest and a text model) disagree; the message names where."""
+    """A vocabulary does not fit what it is used with (another manifest, a text model, a checkpoint's
+    vocabulary, a shard directory's samples); the message names where."""
 
 
 class UnifiedVocab:
@@ -150,14 +157,7 @@ class UnifiedVocab:
         ``encode_text`` / ``decode_text`` raise.
         """
         manifest_path = os.fspath(manifest_path)
-        try:
-            with open(manifest_path, "r", encoding="utf-8") as f:
-                manifest = json.load(f)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{manifest_path}: vocabulary manifest not found") from e
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{manifest_path}: corrupt vocabulary manifest (line {e.lineno}: {e.msg})") from e
-        _validate(manifest, manifest_path)
+        manifest = load_manifest(manifest_path)
         if text_model is None and manifest.get("text_model"):
             beside = os.path.join(os.path.dirname(os.path.abspath(manifest_path)),
                                   os.path.basename(manifest["text_model"]))
@@ -379,6 +379,70 @@ class UnifiedVocab:
         if text:
             segments.append(self.decode_text(text))
         return segments
+
+
+def load_manifest(path: str) -> dict:
+    """The validated manifest of a ``vocab.json``; FileNotFoundError or ValueError naming the file."""
+    path = os.fspath(path)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: vocabulary manifest not found") from e
+    except IsADirectoryError as e:
+        raise FileNotFoundError(f"{path}: is a directory, not a vocabulary manifest") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        detail = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise ValueError(f"{path}: corrupt vocabulary manifest ({detail})") from e
+    _validate(manifest, path)
+    return manifest
+
+
+def check_checkpoint(saved: Optional[dict], configured: Optional[str], ckpt: str) -> None:
+    """A checkpoint trained on one vocabulary must not silently continue on another.
+
+    ``saved``: the manifest stored in the checkpoint (None: trained without one); ``configured``: the
+    ``data.vocab`` path of this run (or None). The checkpoint's manifest is the reference; the message names
+    the configured file that differs.
+    """
+    if saved is None and configured is None:
+        return
+    if saved is None or configured is None:
+        raise VocabMismatchError(f"{ckpt}: checkpoint vocabulary is {'absent' if saved is None else 'set'} but "
+                                 f"data.vocab is {configured or 'not set'}")
+    UnifiedVocab(saved, source=str(ckpt)).check_compatible(load_manifest(configured),
+                                                           where=f"{configured} vs checkpoint {ckpt}")
+
+
+TEXT_TASKS = ("t2i", "i2t", "text", "interleaved")
+
+
+def check_fits_shards(vocab, task: str, shard_manifest: dict, where: str) -> None:
+    """Can ``vocab`` express the samples of a shard directory read as ``task``? VocabMismatchError naming
+    ``where`` otherwise: classes (c2i), text pieces (tasks with text), the codebook and VQ weights the codes
+    came from (the shard manifest's ``vq`` entry). ``vocab`` is duck-typed (the loader's tests use a stub)."""
+    if task == "c2i":
+        if not vocab.num_classes:
+            raise VocabMismatchError(f"{where} is class-conditional but the vocabulary has no classes")
+        classes = shard_manifest.get("classes")
+        if classes is not None and len(classes) != vocab.num_classes:
+            raise VocabMismatchError(f"{where} has {len(classes)} classes, the vocabulary {vocab.num_classes}")
+        names = list(getattr(vocab, "class_names", None) or [])
+        if classes is not None and names and list(classes) != names:
+            raise VocabMismatchError(f"{where}: class names differ from the vocabulary's")
+    if task in TEXT_TASKS and (not getattr(vocab, "text_size", 0) or getattr(vocab, "text", True) is None):
+        raise VocabMismatchError(f"{where} task {task!r} needs text pieces but the vocabulary has no text model"
+                                 f"{' attached' if getattr(vocab, 'text_size', 0) else ''} (set data.text_model)")
+    vq = shard_manifest.get("vq")
+    if task != "text" and isinstance(vq, dict):
+        if isinstance(vq.get("codebook_size"), int) and vq["codebook_size"] != vocab.codebook_size:
+            raise VocabMismatchError(f"{where} codes come from a codebook of {vq['codebook_size']}, the "
+                                     f"vocabulary has {vocab.codebook_size}")
+        theirs = vq.get("vq_sha256") or vq.get("sha256")
+        mine = getattr(vocab, "vq_sha256", None)
+        if isinstance(theirs, str) and isinstance(mine, str) and theirs != mine:
+            raise VocabMismatchError(f"{where} codes come from VQ weights {theirs[:12]}..., the vocabulary "
+                                     f"names {mine[:12]}...")
 
 
 def _short(v: Any) -> str:

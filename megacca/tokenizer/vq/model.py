@@ -1,4 +1,4 @@
-"""VQ image tokenizer: a VQ autoencoder with the module layout of LlamaGen's VQ-16.
+"""The VQ autoencoder, with the module layout of LlamaGen's VQ-16.
 
 Architecture (LlamaGen, `tokenizer/tokenizer_image/vq_model.py`, itself derived from taming-transformers):
 convolutional `Encoder` → 1x1 `quant_conv` (z_channels → codebook_embed_dim) → `VectorQuantizer`
@@ -6,7 +6,7 @@ convolutional `Encoder` → 1x1 `quant_conv` (z_channels → codebook_embed_dim)
 The spatial downsampling factor is `2 ** (len(ch_mult) - 1)`; an image of `image_size` becomes a grid of
 `image_size // 2 ** (len(ch_mult) - 1)` codes per side (VQ-16 at 256 px: 16x16 codes).
 
-This file is an independent implementation; only the state-dict key names and shapes follow LlamaGen, so that
+This is an independent implementation; only the state-dict key names and shapes follow LlamaGen, so that
 LlamaGen checkpoints load with `strict=True` (see `load_llamagen`).
 
 State-dict keys (L = len(ch_mult), R = num_res_blocks, c_i = ch * ch_mult[i], c_-1 = ch):
@@ -35,169 +35,18 @@ State-dict keys (L = len(ch_mult), R = num_res_blocks, c_i = ch * ch_mult[i], c_
     ResnetBlock: norm1.{weight,bias}, conv1.{weight,bias}, norm2.{weight,bias}, conv2.{weight,bias},
                  nin_shortcut.{weight,bias} (1x1, only when in != out)
     AttnBlock:   norm.{weight,bias}, q.*, k.*, v.*, proj_out.* (all 1x1 convs)
-
-Tokenizer directory (`save_vq` / `load_vq`): `config.json` (the `VQConfig` fields plus
-`"format": "megacca-vq/1"`) and `model.safetensors` (the state dict above). Nothing is pickled.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megacca.fileio import atomic_write_bytes, sha256_file  # noqa: F401  (sha256_file is part of this API)
+from megacca.tokenizer.vq.config import VQConfig
 
-VQ_FORMAT = "megacca-vq/1"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 USAGE_BUFFER_LEN = 65536  # LlamaGen's `codebook_used` length; fixed so its checkpoints load strictly
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------------------
-@dataclass
-class VQConfig:
-    """Architecture and loss settings of a VQ tokenizer (saved as `config.json` in the tokenizer directory)."""
-
-    codebook_size: int = 16384
-    """Number of codes K; codes are integers in [0, K)."""
-    codebook_embed_dim: int = 8
-    """Dimension of each code vector (the quantised latent has this many channels)."""
-    codebook_l2_norm: bool = True
-    """Quantise on the unit sphere: latents and code vectors are l2-normalised before the nearest-code
-    search (LlamaGen's default); False = plain Euclidean VQ."""
-    codebook_show_usage: bool = False
-    """Keep LlamaGen's `quantize.codebook_used` buffer (float [65536] ring buffer of recently used codes,
-    updated in training mode). Needed for strict loading of LlamaGen checkpoints, which carry it."""
-    commit_loss_beta: float = 0.25
-    """Weight of the commitment loss `mean((sg[z_q] - z)^2)` (pulls encoder outputs towards their codes)."""
-    codebook_loss_weight: float = 1.0
-    """Weight of the codebook loss `mean((z_q - sg[z])^2)` (pulls codes towards encoder outputs)."""
-    entropy_loss_ratio: float = 0.0
-    """Weight of the codebook entropy loss (per-sample entropy minus batch-average entropy of the soft
-    code assignment); 0 disables it."""
-    entropy_temperature: float = 0.01
-    """Softmax temperature of the entropy loss' soft assignment."""
-    recon_loss: Literal["l2", "l1"] = "l2"
-    """Pixel reconstruction loss: mean squared (`l2`) or mean absolute (`l1`) error."""
-    in_channels: int = 3
-    """Image channels (RGB)."""
-    ch: int = 128
-    """Base channel width; level i has ch * ch_mult[i] channels."""
-    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
-    """Channel multiplier per resolution level; downsampling factor is 2 ** (len(ch_mult) - 1)."""
-    num_res_blocks: int = 2
-    """Residual blocks per encoder level (the decoder has num_res_blocks + 1 per level)."""
-    z_channels: int = 256
-    """Channels of the encoder output / decoder input (before quant_conv / after post_quant_conv)."""
-    dropout_p: float = 0.0
-    """Dropout inside the residual blocks."""
-    norm_groups: int = 32
-    """GroupNorm groups (LlamaGen: 32); every level's channel count must be divisible by it."""
-    image_size: int = 256
-    """Side of the square images the tokenizer is trained on; inputs are resized to it (see `preprocess`)."""
-    resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bicubic"
-    """PIL filter used by `preprocess` to resize source images to image_size."""
-
-    # ---- derived -------------------------------------------------------------------------------------------
-    @property
-    def downsample(self) -> int:
-        """Spatial downsampling factor between image and code grid."""
-        return 2 ** (len(self.ch_mult) - 1)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Code grid [h, w] for an image of image_size."""
-        g = self.image_size // self.downsample
-        return (g, g)
-
-    def validate(self) -> "VQConfig":
-        """Raise ValueError naming the first bad field."""
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"VQConfig: {msg}")
-        for name in ("codebook_size", "codebook_embed_dim", "in_channels", "ch", "num_res_blocks",
-                     "z_channels", "norm_groups", "image_size"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive int, got {v!r}")
-        for name in ("codebook_l2_norm", "codebook_show_usage"):
-            need(isinstance(getattr(self, name), bool), f"{name} must be true/false, got {getattr(self, name)!r}")
-        for name in ("commit_loss_beta", "codebook_loss_weight", "entropy_loss_ratio", "dropout_p"):
-            v = getattr(self, name)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-                 f"{name} must be a number >= 0, got {v!r}")
-        need(isinstance(self.entropy_temperature, (int, float)) and self.entropy_temperature > 0,
-             f"entropy_temperature must be > 0, got {self.entropy_temperature!r}")
-        need(self.dropout_p < 1, f"dropout_p must be < 1, got {self.dropout_p!r}")
-        need(self.recon_loss in ("l2", "l1"), f"recon_loss must be 'l2' or 'l1', got {self.recon_loss!r}")
-        need(self.resample in ("nearest", "bilinear", "bicubic", "lanczos"),
-             f"resample must be nearest|bilinear|bicubic|lanczos, got {self.resample!r}")
-        need(isinstance(self.ch_mult, (list, tuple)) and len(self.ch_mult) >= 1
-             and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.ch_mult),
-             f"ch_mult must be a non-empty list of positive ints, got {self.ch_mult!r}")
-        for c in [self.ch] + [self.ch * m for m in self.ch_mult]:
-            need(c % self.norm_groups == 0,
-                 f"channel count {c} (ch * ch_mult) not divisible by norm_groups={self.norm_groups}")
-        need(self.image_size % self.downsample == 0,
-             f"image_size {self.image_size} not divisible by the downsampling factor {self.downsample}")
-        need(self.codebook_size <= 2 ** 31 - 1, "codebook_size too large")
-        return self
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["ch_mult"] = list(d["ch_mult"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VQConfig":
-        """Build from a dict (e.g. config.json or a YAML section); unknown keys are an error."""
-        d = dict(d)
-        d.pop("format", None)
-        if "preset" in d:
-            base = preset(d.pop("preset")).to_dict()
-            base.update(d)
-            d = base
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"VQConfig: unknown field(s) {unknown}; known: {sorted(names)}")
-        if "ch_mult" in d and isinstance(d["ch_mult"], tuple):
-            d["ch_mult"] = list(d["ch_mult"])
-        return cls(**d).validate()
-
-
-def vq16(**overrides) -> VQConfig:
-    """LlamaGen's VQ-16 (downsample 16, 16384 codes of dim 8, l2-normalised, 256 px → 16x16 codes)."""
-    cfg = VQConfig(codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
-                   commit_loss_beta=0.25, entropy_loss_ratio=0.0, ch=128, ch_mult=[1, 1, 2, 2, 4],
-                   num_res_blocks=2, z_channels=256, dropout_p=0.0, norm_groups=32, image_size=256)
-    return dataclasses.replace(cfg, **overrides).validate()
-
-
-def tiny(**overrides) -> VQConfig:
-    """A small CPU-trainable tokenizer for 16x16 images (e.g. upscaled 8x8 digits) → 4x4 codes of 512."""
-    cfg = VQConfig(codebook_size=512, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=False,
-                   commit_loss_beta=0.25, entropy_loss_ratio=0.0, ch=32, ch_mult=[1, 1, 2], num_res_blocks=1,
-                   z_channels=64, dropout_p=0.0, norm_groups=8, image_size=16)
-    return dataclasses.replace(cfg, **overrides).validate()
-
-
-PRESETS = {"vq16": vq16, "tiny": tiny}
-
-
-def preset(name: str, **overrides) -> VQConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown VQ preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -270,12 +119,23 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: `res` (ModuleList), `attn` (ModuleList, maybe empty), optional down/upsample."""
+    """One resolution level: `res` (ModuleList), `attn` (ModuleList, maybe empty), then an optional
+    `downsample` (encoder) or `upsample` (decoder), attribute names as in LlamaGen's state dict."""
 
     def __init__(self):
         super().__init__()
         self.res = nn.ModuleList()
         self.attn = nn.ModuleList()
+
+    def forward(self, h):
+        for j, res in enumerate(self.res):
+            h = res(h)
+            if len(self.attn):
+                h = self.attn[j](h)
+        for resample in ("downsample", "upsample"):
+            if hasattr(self, resample):
+                h = getattr(self, resample)(h)
+        return h
 
 
 def _mid(c: int, dropout: float, groups: int) -> nn.ModuleList:
@@ -306,12 +166,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for lvl in self.conv_blocks:
-            for j, res in enumerate(lvl.res):
-                h = res(h)
-                if len(lvl.attn):
-                    h = lvl.attn[j](h)
-            if hasattr(lvl, "downsample"):
-                h = lvl.downsample(h)
+            h = lvl(h)
         for blk in self.mid:
             h = blk(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -343,12 +198,7 @@ class Decoder(nn.Module):
         for blk in self.mid:
             h = blk(h)
         for lvl in self.conv_blocks:
-            for j, res in enumerate(lvl.res):
-                h = res(h)
-                if len(lvl.attn):
-                    h = lvl.attn[j](h)
-            if hasattr(lvl, "upsample"):
-                h = lvl.upsample(h)
+            h = lvl(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -479,7 +329,8 @@ class VQModel(nn.Module):
 
     def __init__(self, config: VQConfig):
         super().__init__()
-        self.config = config.validate()
+        config.check()
+        self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.quantize = VectorQuantizer(config)
@@ -533,156 +384,3 @@ class VQModel(nn.Module):
         losses["loss"] = sum(losses.values())
         return (recon, losses, codes) if return_codes else (recon, losses)
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Image preprocessing (shared by the trainer and tools/vq_encode.py so both see identical inputs)
-# --------------------------------------------------------------------------------------------------------------
-def preprocess(img, cfg: VQConfig) -> torch.Tensor:
-    """PIL image (any mode) → float tensor [3, S, S] in [-1, 1], resized to cfg.image_size with cfg.resample."""
-    from PIL import Image
-
-    img = img.convert("RGB")
-    s = cfg.image_size
-    if img.size != (s, s):
-        filt = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-                "lanczos": Image.LANCZOS}[cfg.resample]
-        img = img.resize((s, s), filt)
-    a = np.asarray(img, dtype=np.float32)
-    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3]."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Save / load
-# --------------------------------------------------------------------------------------------------------------
-def save_vq(model: VQModel, directory: Union[str, Path]) -> Path:
-    """Write `directory/config.json` and `directory/model.safetensors` (atomic per file)."""
-    from safetensors.torch import save
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(d / WEIGHTS_NAME, save(sd, metadata={"format": "pt", "megacca": VQ_FORMAT}))
-    cfg = {"format": VQ_FORMAT, **model.config.to_dict()}
-    atomic_write_bytes(d / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode())
-    return d
-
-
-def load_vq_config(directory: Union[str, Path]) -> VQConfig:
-    p = Path(directory) / CONFIG_NAME
-    if not p.is_file():
-        raise FileNotFoundError(f"VQ tokenizer config not found: {p}")
-    d = json.loads(p.read_text())
-    fmt = d.get("format", VQ_FORMAT)
-    if fmt != VQ_FORMAT:
-        raise ValueError(f"{p}: unsupported format {fmt!r} (expected {VQ_FORMAT!r})")
-    return VQConfig.from_dict(d)
-
-
-def load_vq(directory: Union[str, Path], map_location: str = "cpu") -> VQModel:
-    """Load a tokenizer directory written by `save_vq`; the model is returned in eval mode."""
-    from safetensors.torch import load_file
-
-    cfg = load_vq_config(directory)
-    w = Path(directory) / WEIGHTS_NAME
-    if not w.is_file():
-        raise FileNotFoundError(f"VQ tokenizer weights not found: {w}")
-    model = VQModel(cfg)
-    model.load_state_dict(load_file(str(w), device=map_location), strict=True)
-    return model.to(map_location).eval()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# LlamaGen checkpoints
-# --------------------------------------------------------------------------------------------------------------
-_STRIP_PREFIXES = ("module.", "_orig_mod.")
-
-
-def read_llamagen_state_dict(path: Union[str, Path], key: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Read a LlamaGen-layout VQ state dict from `.safetensors` or a torch `.pt`/`.pth`/`.bin`.
-
-    `.pt` files are read with `torch.load(weights_only=True)` (argparse.Namespace, which LlamaGen's training
-    checkpoints store under "args", is the only extra class allowed). The weights are taken from `key` if
-    given, else from "model" when present (LlamaGen's checkpoints: {"model": state_dict, ...}), else the
-    top-level dict. `module.` / `_orig_mod.` prefixes (DDP / torch.compile) are stripped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LlamaGen checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj = load_file(str(path), device="cpu")
-    else:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except AttributeError:  # very old torch without safe_globals
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    if key is not None:
-        if key not in obj:
-            raise KeyError(f"{path}: no {key!r} entry (has {sorted(obj)[:10]})")
-        obj = obj[key]
-    elif isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    sd = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        for p in _STRIP_PREFIXES:
-            if k.startswith(p):
-                k = k[len(p):]
-        sd[k] = v
-    if "quantize.embedding.weight" not in sd:
-        raise ValueError(f"{path}: not a LlamaGen VQ state dict (no quantize.embedding.weight)")
-    return sd
-
-
-def config_from_llamagen_state_dict(sd: dict[str, torch.Tensor], **overrides) -> VQConfig:
-    """Infer the architecture fields of a LlamaGen-layout state dict (K, D, ch, ch_mult, num_res_blocks,
-    z_channels, in_channels, whether `codebook_used` is present). Fields that cannot be inferred
-    (codebook_l2_norm, image_size, losses) come from the vq16 preset unless overridden."""
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.conv_blocks."))
-    nres = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.conv_blocks.0.res."))
-    ch_mult = [sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels)]
-    K, D = sd["quantize.embedding.weight"].shape
-    fields = dict(codebook_size=int(K), codebook_embed_dim=int(D), ch=int(ch), ch_mult=ch_mult,
-                  num_res_blocks=nres, z_channels=int(sd["encoder.conv_out.weight"].shape[0]),
-                  in_channels=int(sd["encoder.conv_in.weight"].shape[1]),
-                  codebook_show_usage="quantize.codebook_used" in sd)
-    fields.update(overrides)
-    return vq16(**fields)
-
-
-def load_llamagen(path: Union[str, Path], config: Optional[VQConfig] = None, key: Optional[str] = None) -> VQModel:
-    """Build a VQModel from a LlamaGen checkpoint and load it with strict=True (eval mode).
-
-    `config` defaults to the architecture inferred from the weights (`config_from_llamagen_state_dict`).
-    The optional `quantize.codebook_used` statistics buffer is reconciled with the config (dropped when the
-    model has no such buffer, zero-filled when the checkpoint lacks it); every other key must match exactly.
-    """
-    sd = read_llamagen_state_dict(path, key)
-    if config is None:
-        config = config_from_llamagen_state_dict(sd)
-    model = VQModel(config)
-    used = "quantize.codebook_used"
-    if config.codebook_show_usage and used not in sd:
-        sd[used] = torch.zeros(USAGE_BUFFER_LEN)
-    elif not config.codebook_show_usage:
-        sd.pop(used, None)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
-
-
-__all__ = [
-    "VQConfig", "VQModel", "VectorQuantizer", "Encoder", "Decoder", "vq16", "tiny", "preset", "PRESETS",
-    "preprocess", "to_uint8", "save_vq", "load_vq", "load_vq_config", "sha256_file",
-    "read_llamagen_state_dict", "config_from_llamagen_state_dict", "load_llamagen", "entropy_loss",
-]
