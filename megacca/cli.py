@@ -198,9 +198,10 @@ def _user_errors() -> tuple[type, ...]:
     """The error types that are the user's to fix (their messages name the file, shard and key)."""
     from megacca.data.packing import BadSample
     from megacca.data.shards import ShardManifestError
+    from megacca.safe_load import UnsafeCheckpointError
     from megacca.tokenizer.vocab import VocabMismatchError
 
-    return BadSample, ShardManifestError, VocabMismatchError
+    return BadSample, ShardManifestError, UnsafeCheckpointError, VocabMismatchError
 
 
 def _train_or_config(args, argv: list[str]) -> int:

@@ -502,6 +502,11 @@ def validate(cfg: Config) -> None:
         # 3e-3 from ZeRO-2 and megatron within 4 steps here); ZeRO-1 keeps fp32 master partitions.
         raise ConfigError("parallel.zero_stage", "train.precision=bf16 with the deepspeed engine needs zero_stage >= 1 "
                                                  "(ZeRO-0 bf16 has no fp32 master weights)")
+    if par.engine == "megatron" and tr.precision == "bf16" and par.zero_stage == 0:
+        # megatron-core 0.16.1's non-distributed bf16 optimizer (Float16OptimizerWithFloat16Params) fails to
+        # describe its state for a distributed checkpoint ("Param id N does not match any model sharded param").
+        raise ConfigError("parallel.zero_stage", "engine=megatron with train.precision=bf16 needs zero_stage=1 "
+                                                 "(the DistributedOptimizer)")
     if par.engine == "megatron" and par.zero_stage not in (0, 1):
         raise ConfigError("parallel.zero_stage", "engine=megatron supports 0 (DDP) or 1 (DistributedOptimizer)")
     if par.sequence_parallel and par.engine != "megatron":

@@ -66,10 +66,10 @@ def _deepspeed_globals() -> tuple:
 
 @contextlib.contextmanager
 def only_safe_globals(allowed=()):
-    """`weights_only` admits torch's own safe set, every class registered process-wide and `allowed`. Importing
-    megatron-core registers 16 (argparse.Namespace, numpy's array reconstructor, its config dataclasses, ...)
-    for its own training loop's files, which megacca's checkpoints do not hold: inside, only torch's set and
-    `allowed` count."""
+    """`weights_only` admits torch's own safe set, every class registered process-wide and `allowed`. Imports
+    register ~30 for their own files (megatron-core: argparse.Namespace, numpy's array reconstructor, its
+    config dataclasses; torch.distributed: DTensor, device meshes; ...), none of which megacca's checkpoints
+    hold: inside, only torch's set and `allowed` count."""
     registered = torch.serialization.get_safe_globals()
     torch.serialization.clear_safe_globals()
     try:

@@ -77,12 +77,15 @@ def test_kill_and_resume_repeats_the_losses(tmp_path, base):
         assert abs(a[s] - b[s]) < 1e-6, (s, a[s], b[s])
 
 
-def test_two_ranks_under_the_deepspeed_launcher_match_one(tmp_path, base):
-    _cca(tmp_path / "one", base, "train.max_steps=3")
-    _cca(tmp_path / "two", base, "train.max_steps=3", nproc=2, launcher="deepspeed")
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    for x, y in zip(a, b):  # the same global batch of pairs split over 2 ranks; fp32 sums in another order
-        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["rewards/margins"] - y["rewards/margins"]) < 1e-4
+def test_two_ranks_under_the_deepspeed_launcher(tmp_path, base):
+    # `deepspeed --num_gpus 2 launch/cca_stage.sh ...`: each rank reads its own share of the shards (so not the
+    # 1-rank batches; dp parity on one global batch is tests/test_align_engine.py). Step 1 still has the
+    # closed form over the global batch, and the checkpoint is complete.
+    _cca(tmp_path / "two", base, "train.max_steps=2", "train.save_every=2", nproc=2, launcher="deepspeed")
+    m = metrics(tmp_path / "two")
+    f, lam = m[0]["pos_like_frac"], 3.0
+    assert abs(m[0]["loss"] - math.log(2) * (1 + f + (1 - f) * lam) / max(lam, 1)) < 1e-6
+    assert (tmp_path / "two" / "checkpoints" / "step_00000002" / "model" / ".metadata").is_file()
 
 
 def test_precomputed_reference_equals_the_reference_model(tmp_path, base):

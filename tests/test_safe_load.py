@@ -107,8 +107,8 @@ def test_hostile_metadata_runs_nothing_on_resume(runs, tmp_path):
     rd = _copy(runs["megatron"], tmp_path / "run")
     (rd / STEP2 / "engine" / ".metadata").write_bytes(payload)
     p = train(rd, *ONE_MORE, "parallel.engine=megatron", check=False)
+    assert not marker.exists(), "resuming ran the checkpoint's payload"  # ... resuming does not
     _refused(p, "torch.storage._load_from_bytes", str(rd / STEP2 / "engine" / ".metadata"))
-    assert not marker.exists()  # ... and resuming did not
 
 
 def _tampered_byte_item(engine: Path, payload: bytes) -> str:
@@ -172,8 +172,8 @@ def test_hostile_deepspeed_file_runs_nothing_on_resume(runs, tmp_path):
     (optim,) = (rd / STEP2 / "engine" / "deepspeed").glob("*optim_states.pt")
     optim.write_bytes(_torch_saved({"optimizer_state_dict": _touch(marker)}))
     p = train(rd, *ONE_MORE, "parallel.zero_stage=1", check=False)
+    assert not marker.exists(), "resuming ran the checkpoint's payload"
     _refused(p, "posix.system", optim.name)
-    assert not marker.exists()
 
 
 # ---- every real checkpoint kind loads --------------------------------------------------------------------------
