@@ -29,7 +29,7 @@ if [ ! -f "$OUT/text.model" ]; then
   "$PY" tokenizers/train_text.py --input "$OUT/images" --vocab-size 128 --model-type bpe --out "$OUT/text"
 fi
 if [ ! -f "$OUT/vq/model.safetensors" ]; then
-  step "VQ tokenizer (under 3 minutes on an idle 2-vCPU machine)"
+  step "VQ tokenizer (800 steps: about 2 minutes on an idle 2-vCPU machine)"
   "$PY" tokenizers/train_vq.py tokenizers/configs/vq_digits.yaml --data "$OUT/images" --out "$OUT/vq"
 fi
 if [ ! -f "$OUT/codes/manifest.json" ]; then

@@ -66,6 +66,18 @@ class UsageError(Exception):
     print it as one line, ``PROG: error: MESSAGE``, and exit with code 2, as `megacca` does for its own."""
 
 
+def run_tool(prog: str, work, *errors: type) -> int:
+    """A tool's main body: run `work()`, exit 0. A user error (UsageError, ConfigError or one of `errors`) is one
+    line on stderr, ``PROG: error: MESSAGE`` (``config error`` for a ConfigError), and exit code 2."""
+    try:
+        work()
+    except (UsageError, ConfigError, *errors) as e:
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"{prog}: {kind}: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """A usage mistake is one line (exit 2), like every other user error."""

@@ -50,24 +50,16 @@ def test_one_rank_cca_moves_policy_the_right_way(out):
     assert all(math.isfinite(v) for v in s1.values())
 
 
-def test_megatron_tp1_equals_deepspeed(out):
-    torchrun(1, W, "megatron", out, 1, 1, 0, "model")
-    _close(_steps(out, "megatron_tp1pp1z0dp1_model"), _steps(out, "deepspeed_tp1pp1z0dp1_model"))
-
-
-def test_megatron_tp2_equals_tp1(out):
-    torchrun(2, W, "megatron", out, 2, 1, 0, "model")
-    _close(_steps(out, "megatron_tp2pp1z0dp1_model"), _steps(out, "deepspeed_tp1pp1z0dp1_model"))
-
-
-def test_megatron_pp2_equals_pp1(out):
-    torchrun(2, W, "megatron", out, 1, 2, 0, "model")
-    _close(_steps(out, "megatron_tp1pp2z0dp1_model"), _steps(out, "deepspeed_tp1pp1z0dp1_model"))
-
-
-def test_deepspeed_zero3_two_ranks_equals_one(out):
-    torchrun(2, W, "deepspeed", out, 1, 1, 3, "model")
-    _close(_steps(out, "deepspeed_tp1pp1z3dp2_model"), _steps(out, "deepspeed_tp1pp1z0dp1_model"))
+@pytest.mark.parametrize("engine,nproc,tp,pp,zero", [
+    ("megatron", 1, 1, 1, 0),   # the other engine, one rank
+    ("megatron", 2, 2, 1, 0),   # tensor parallel
+    ("megatron", 2, 1, 2, 0),   # pipeline: the reference runs a forward-only pipeline pass
+    ("deepspeed", 2, 1, 1, 3),  # 2 data-parallel ranks, ZeRO-3 (the reference is partitioned too)
+])
+def test_layout_equals_one_rank(out, engine, nproc, tp, pp, zero):
+    torchrun(nproc, W, engine, out, tp, pp, zero, "model")
+    dp = nproc // (tp * pp)
+    _close(_steps(out, f"{engine}_tp{tp}pp{pp}z{zero}dp{dp}_model"), _steps(out, "deepspeed_tp1pp1z0dp1_model"))
 
 
 def test_precomputed_reference_equals_reference_model(out):

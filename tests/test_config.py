@@ -236,7 +236,8 @@ def test_vq_run_config_overrides_and_errors_name_the_dotted_key():
     run = load_run_config(path, ["train.steps=7", "model.codebook_size=64", "eval.sample_images=0",
                                  "model.preset=vq16", "model.image_size=32"])
     assert run.train.steps == 7 and run.model.codebook_size == 64 and run.eval.sample_images == 0
-    assert run.model.image_size == 32 and run.model.ch == 32  # the file's ch wins over the vq16 preset's 128
+    file_ch = yaml.safe_load(path.read_text())["model"]["ch"]
+    assert run.model.image_size == 32 and run.model.ch == file_ch != 128  # the file's ch wins over vq16's 128
     for overrides, key in [
         (["train.steps=0"], "train.steps"),
         (["train.steps=1.5"], "train.steps"),

@@ -1,8 +1,9 @@
 """The DPO stage through `launch/dpo_stage.sh` on text preference pairs (`tools/make_shards.py pairs`): step 1 is
 log 2 (policy = reference), the chosen answers pull ahead, and the reference-free SimPO needs no reference.
 
-Data made here: questions "what is A plus B" (digit words), chosen the right sum's word, rejected a wrong one;
-a sentencepiece model trained on them; a short pretraining run on the same texts as the starting point.
+Data made here: questions "is A plus B equal to C" (digit words) answered "yes" (chosen) and "no" (rejected), a
+preference a few updates can learn on unseen pairs; a sentencepiece model trained on them; a short pretraining
+run on the same texts (both answers equally often) as the starting point.
 """
 from __future__ import annotations
 
@@ -28,10 +29,9 @@ def base(tmp_path_factory):
     pairs, texts = [], []
     for _ in range(120):
         a, b = (int(x) for x in rng.integers(0, 5, 2))
-        wrong = int((a + b + 1 + rng.integers(0, 8)) % 10)
-        q = f"what is {WORDS[a]} plus {WORDS[b]}"
-        pairs.append({"prompt": q, "chosen": WORDS[a + b], "rejected": WORDS[wrong]})
-        texts.append({"text": f"{q} {WORDS[a + b]}"})
+        q = f"is {WORDS[a]} plus {WORDS[b]} equal to {WORDS[a + b]}"
+        pairs.append({"prompt": q, "chosen": "yes", "rejected": "no"})
+        texts += [{"text": f"{q} yes"}, {"text": f"{q} no"}]
     for name, rows in (("pairs.jsonl", pairs), ("texts.jsonl", texts)):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     run([PY, "tools/make_shards.py", "pairs", "--input", str(d / "pairs.jsonl"), "--out", str(d / "pairs")])

@@ -359,10 +359,10 @@ def test_train_vq_same_command_same_weights(trained_vq, tmp_path):
 def test_train_vq_errors_exit_2(tmp_path, image_dir, capsys):
     tv = _load_script("tokenizers/train_vq.py", "train_vq_under_test")
 
-    def one_line_error(*argv) -> str:
+    def one_line_error(*argv, kind="config error") -> str:
         assert tv.main([*map(str, argv), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("train_vq: config error: "), err
+        assert len(err.splitlines()) == 1 and err.startswith(f"train_vq: {kind}: "), err
         return err
 
     bad = tmp_path / "bad.yaml"
@@ -375,7 +375,9 @@ def test_train_vq_errors_exit_2(tmp_path, image_dir, capsys):
     assert "train.steps: must be >= 1" in one_line_error(good, "train.steps=0", "--data", image_dir)
     assert "train.max_time_s: unknown key" in one_line_error(good, "train.max_time_s=150", "--data", image_dir)
     assert "model.image_size: expected an integer" in one_line_error(good, "model.image_size=big", "--data", image_dir)
-    assert "--data: data directory not found" in one_line_error(good, "--data", tmp_path / "missing")
+    assert "missing: data directory not found" in one_line_error(good, "--data", tmp_path / "missing", kind="error")
+    (tmp_path / "empty").mkdir()
+    assert "no `train-*.tar` shards" in one_line_error(good, "--data", tmp_path / "empty", kind="error")
     assert "config file not found" in one_line_error(tmp_path / "nope.yaml", "--data", image_dir)
     assert not (tmp_path / "o").exists()
 

@@ -7,10 +7,12 @@ trains `megacca.tokenizer.vq.VQModel` with pixel reconstruction + commitment + c
 codebook alive with k-means initialisation and dead-code re-seeding, and writes to VQDIR:
 `config.json`, `model.safetensors` (the tokenizer, loadable with `megacca.tokenizer.vq.load_vq`),
 `train_report.json` (held-out reconstruction MSE and codebook usage, loss log) and `recon_heldout.png`
-(originals above reconstructions). The config (`megacca.tokenizer.vq.config.VQRunConfig`) is loaded, overridden
-with dotted KEY=VALUE arguments and checked like the training config; a bad key or missing data is one line
-on stderr naming the key, exit code 2. Training stops after `train.steps` steps, never by a clock: the same
-command and thread count give the same weights on a fast or a busy machine.
+(originals above reconstructions).
+
+The config (`megacca.tokenizer.vq.config.VQRunConfig`) is loaded, overridden with dotted KEY=VALUE arguments
+and checked like the training config: a bad key is one line on stderr naming the dotted key, bad or missing
+data one line naming the path; exit code 2. Training stops after `train.steps` steps, never by a clock: the
+same command and thread count give the same weights on a fast or a busy machine.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from megacca.config import ConfigError, to_dict  # noqa: E402
+from megacca.cli import UsageError, run_tool  # noqa: E402
+from megacca.config import to_dict  # noqa: E402
 from megacca.data.shards import ShardReadError, iter_tar  # noqa: E402
 from megacca.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
 from megacca.tokenizer.vq.config import VQRunConfig, load_run_config  # noqa: E402
@@ -44,23 +47,20 @@ def load_split(data_dir: Path, split: str, vq_cfg, required: bool):
     shards = sorted(data_dir.glob(f"{split}-*.tar"))
     if not shards:
         if required:
-            raise ConfigError("--data", f"no `{split}-*.tar` shards in {data_dir}")
+            raise UsageError(f"--data {data_dir}: no `{split}-*.tar` shards")
         return None
     imgs = []
     for sh in shards:
-        try:
-            for s in iter_tar(str(sh)):
-                if "png" not in s:
-                    raise ConfigError("--data", f"{sh.name}: sample {s['__key__']!r} has no .png "
-                                                f"(is {data_dir} an `images` shard dir?)")
-                try:
-                    imgs.append(preprocess(Image.open(io.BytesIO(s["png"])), vq_cfg))
-                except Exception as e:  # noqa: BLE001 - name the bad sample
-                    raise ConfigError("--data", f"{sh.name}: sample {s['__key__']!r}: cannot decode png ({e})")
-        except ShardReadError as e:
-            raise ConfigError("--data", str(e)) from None
+        for s in iter_tar(str(sh)):  # a damaged tar is a ShardReadError naming shard and key (one line, exit 2)
+            if "png" not in s:
+                raise UsageError(f"{sh}: sample {s['__key__']!r} has no .png (is {data_dir} an `images` "
+                                 "shard directory?)")
+            try:
+                imgs.append(preprocess(Image.open(io.BytesIO(s["png"])), vq_cfg))
+            except Exception as e:  # noqa: BLE001 - name the bad sample
+                raise UsageError(f"{sh}: sample {s['__key__']!r}: cannot decode png ({e})")
     if not imgs:
-        raise ConfigError("--data", f"`{split}-*.tar` shards in {data_dir} hold no samples")
+        raise UsageError(f"--data {data_dir}: the `{split}-*.tar` shards hold no samples")
     return torch.stack(imgs)
 
 
@@ -123,7 +123,7 @@ def train(config_path: str, data_dir: str, out_dir: str, overrides=(), log=print
     vq_cfg, t, ev = run.model, run.train, run.eval
     data = Path(data_dir)
     if not data.is_dir():
-        raise ConfigError("--data", f"data directory not found: {data}")
+        raise UsageError(f"--data {data}: data directory not found")
 
     import torch
 
@@ -234,12 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="`images` shard directory with train-*.tar (+ heldout-*.tar)")
     ap.add_argument("--out", required=True, help="output tokenizer directory")
     args = ap.parse_intermixed_args(argv)
-    try:
-        train(args.config, args.data, args.out, args.overrides, log=lambda s: print(s, flush=True))
-    except ConfigError as e:
-        print(f"train_vq: config error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool("train_vq", lambda: train(args.config, args.data, args.out, args.overrides,
+                                              log=lambda s: print(s, flush=True)), ShardReadError)
 
 
 if __name__ == "__main__":

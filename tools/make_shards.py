@@ -60,7 +60,7 @@ if _REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from megacca.cli import UsageError  # noqa: E402
+from megacca.cli import UsageError, run_tool  # noqa: E402
 from megacca.data.shards import MANIFEST_NAME, SHARD_NAME_RE, TMP_NAME_RE, ShardWriter, write_manifest  # noqa: E402
 
 PROG = "make_shards.py"
@@ -632,19 +632,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _run(args) -> None:
+    if args.split == "heldout" and args.heldout_fraction > 0:
+        raise UsageError("--split heldout cannot be combined with --heldout-fraction > 0")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", args.split):
+        raise UsageError(f"--split {args.split!r}: use lowercase letters, digits and '_'")
+    check_out(args.out, args.overwrite)
+    args.fn(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.split == "heldout" and args.heldout_fraction > 0:
-            raise UsageError("--split heldout cannot be combined with --heldout-fraction > 0")
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", args.split):
-            raise UsageError(f"--split {args.split!r}: use lowercase letters, digits and '_'")
-        check_out(args.out, args.overwrite)
-        args.fn(args)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(PROG, lambda: _run(args))
 
 
 if __name__ == "__main__":

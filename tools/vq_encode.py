@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from megacca.cli import UsageError  # noqa: E402
+from megacca.cli import UsageError, run_tool  # noqa: E402
 from megacca.data.shards import (  # noqa: E402
     TMP_NAME_RE, ShardManifestError, ShardReadError, iter_tar, read_manifest, write_manifest, write_shard)
 from megacca.fileio import atomic_write_text, sha256_file  # noqa: E402
@@ -273,12 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", default=None, help="comma-separated splits to encode (default: all)")
     args = ap.parse_args(argv)
     splits = [s for s in args.splits.split(",") if s] if args.splits else None
-    try:
-        run(args.vq, args.src, args.out, args.workers, args.batch_size, splits, log=lambda s: print(s, flush=True))
-    except UsageError as e:
-        print(f"vq_encode: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool("vq_encode", lambda: run(args.vq, args.src, args.out, args.workers, args.batch_size, splits,
+                                             log=lambda s: print(s, flush=True)))
 
 
 if __name__ == "__main__":

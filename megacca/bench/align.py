@@ -12,14 +12,13 @@ line is `cca step / pretrain step (precomputed reference): R` (target R <= 1.10)
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 
-from megacca.bench.train import SHAPES, _time
+from megacca.bench.train import SHAPES, _time, bench_parser, run_presets
 from megacca.config import load_config
 
 
@@ -86,31 +85,14 @@ def bench(preset: str, steps: int, warmup: int, rounds: int, precision: str) -> 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="megacca bench align", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="examples:\n  megacca bench align\n"
-                                        "  megacca bench align --presets debug --steps 5 --rounds 1\n")
-    ap.add_argument("--presets", default="debug,small",
-                    help="comma-separated model presets (megacca/model/presets.py; default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per round (default: %(default)s)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (default: %(default)s)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
-    ap.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"],
-                    help="default: bf16 on a GPU, fp32 on CPU")
-    args = ap.parse_args(argv)
-    from megacca.distributed.init import init_distributed, shutdown
+    args = bench_parser("megacca bench align", __doc__).parse_args(argv)
 
-    init_distributed(1, 1, seed=0, use_deepspeed=True)
-    results = []
-    try:
-        for preset in args.presets.split(","):
-            r = bench(preset, args.steps, args.warmup, args.rounds, args.precision)
-            results.append(r)
-            print(f"{preset:>6} ({r['sequences']} x {r['seq']} tokens/step): pretrain {r['pretrain']:.1f} ms | "
-                  f"CCA, reference model {r['cca_model']:.1f} ms (x{r['ratio_model']:.3f}) | "
-                  f"CCA, precomputed reference {r['cca_precomputed']:.1f} ms (x{r['ratio_pre']:.3f})", flush=True)
-    finally:
-        shutdown()
+    def line(r: dict) -> str:
+        return (f"{r['preset']:>6} ({r['sequences']} x {r['seq']} tokens/step): pretrain {r['pretrain']:.1f} ms | "
+                f"CCA, reference model {r['cca_model']:.1f} ms (x{r['ratio_model']:.3f}) | "
+                f"CCA, precomputed reference {r['cca_precomputed']:.1f} ms (x{r['ratio_pre']:.3f})")
+
+    results = run_presets(args, lambda preset, a: bench(preset, a.steps, a.warmup, a.rounds, a.precision), line)
     print(f"cca step / pretrain step (reference model): {results[-1]['ratio_model']:.3f}")
     print(f"cca step / pretrain step (precomputed reference): {results[-1]['ratio_pre']:.3f}")
     return 0

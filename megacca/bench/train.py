@@ -98,11 +98,10 @@ def consumption_rate(preset: str, steps: int = 5) -> float:
     return bench_preset(preset, steps, warmup=2, precision="fp32", rounds=1)["ours_tps"]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="megacca bench train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="examples:\n  megacca bench train\n"
-                                        "  megacca bench train --presets debug --steps 5 --rounds 1\n")
+def bench_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options every training-step benchmark takes (bench train, bench align)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"examples:\n  {prog}\n  {prog} --presets debug --steps 5 --rounds 1\n")
     ap.add_argument("--presets", default="debug,small",
                     help="comma-separated model presets (megacca/model/presets.py; default: %(default)s)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round (default: %(default)s)")
@@ -110,21 +109,34 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     ap.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"],
                     help="default: bf16 on a GPU, fp32 on CPU")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run_presets(args, bench_one, line) -> list[dict]:
+    """One process (1 rank): `bench_one(preset, args)` per preset, printing `line(result)` after each."""
     from megacca.distributed.init import init_distributed, shutdown
 
     init_distributed(1, 1, seed=0, use_deepspeed=True)
     results = []
     try:
         for preset in args.presets.split(","):
-            r = bench_preset(preset, args.steps, args.warmup, args.precision, args.rounds)
-            results.append(r)
-            extra = f" | {r['tflops']:.1f} TFLOP/s | MFU {100 * r['mfu']:.1f}%" if "tflops" in r else ""
-            print(f"{preset:>6} ({r['params'] / 1e6:.1f}M params, {r['tokens']} tokens/step): "
-                  f"megacca {r['ours_tps']:,.0f} tok/s ({r['ours_ms']:.1f} ms) | "
-                  f"reference {r['ref_tps']:,.0f} tok/s ({r['ref_ms']:.1f} ms) | ratio {r['ratio']:.3f}{extra}",
-                  flush=True)
+            results.append(bench_one(preset, args))
+            print(line(results[-1]), flush=True)
     finally:
         shutdown()
+    return results
+
+
+def main(argv=None) -> int:
+    args = bench_parser("megacca bench train", __doc__).parse_args(argv)
+
+    def line(r: dict) -> str:
+        extra = f" | {r['tflops']:.1f} TFLOP/s | MFU {100 * r['mfu']:.1f}%" if "tflops" in r else ""
+        return (f"{r['preset']:>6} ({r['params'] / 1e6:.1f}M params, {r['tokens']} tokens/step): "
+                f"megacca {r['ours_tps']:,.0f} tok/s ({r['ours_ms']:.1f} ms) | "
+                f"reference {r['ref_tps']:,.0f} tok/s ({r['ref_ms']:.1f} ms) | ratio {r['ratio']:.3f}{extra}")
+
+    results = run_presets(args, lambda preset, a: bench_preset(preset, a.steps, a.warmup, a.precision, a.rounds),
+                          line)
     print(f"step-time ratio megacca/reference: {results[-1]['ratio']:.3f}")
     return 0
