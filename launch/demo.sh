@@ -20,7 +20,7 @@ PY=.venv/bin/python
 DATA="${DATA:-data/digits}"
 RUN="${RUN:-runs/demo}"
 bash launch/prepare_digits.sh "$DATA"
-printf '\n== pretraining (debug preset, 2D rotary, class->image and caption->image mixed 1:1)\n'
+printf '\n== pretraining (debug preset, 2D rotary, class->image, caption->image and image->caption mixed 2:2:1)\n'
 rm -rf "$RUN"
 bash launch/pretrain.sh configs/pretrain/digits.yaml "data.vocab=$DATA/vocab.json" \
   "data.sources[0].path=$DATA/codes" "data.sources[1].path=$DATA/codes" "data.sources[2].path=$DATA/codes" \
