@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job, from a clean clone: set up .venv, build the digits data (shards, sentencepiece, VQ, codes,
-# vocabulary), then pretrain the debug preset on it with the real launcher. (The end-to-end CCA demo replaces
-# the last part when the alignment stages land.) 2 min 41 s on an idle 2-vCPU machine; the README's Quick start
-# gives the conditions.
+# vocabulary, caption preference pairs), then pretrain the debug preset on it with the real launcher. (The
+# end-to-end CCA demo with sampling and evaluation replaces the last part with the generation work.) 2 min 54 s on
+# a 2-vCPU machine; the README's Quick start gives the conditions.
 set -euo pipefail
 case "${1:-}" in -h|--help) cat <<'EOF'
 usage: bash launch/demo.sh [KEY=VALUE ...]
