@@ -107,7 +107,9 @@ class Trainer:
             log.info("resumed from %s at step %d", latest, step)
         metrics = MetricsLogger(run_dir, is_rank0(), tr.tensorboard, tr.log_every, tr.max_steps, tr.progress_bar,
                                 start_step=step)
-        accum, world_tokens = cfg.grad_accum(), cfg.global_batch() * cfg.model.seq_length
+        # A sample is one sequence when pretraining and a pair of sequences when aligning.
+        accum = cfg.grad_accum()
+        world_tokens = cfg.global_batch() * self.loss.sequences_per_sample * cfg.model.seq_length
         log.info("model %s | %.2fM parameters | global batch %d x %d tokens (%d micro-batches per rank)",
                  describe(cfg), param_count(cfg) / 1e6, cfg.global_batch(), cfg.model.seq_length, accum)
         flops_per_token, peak = train_flops_per_token(cfg), peak_tflops()
@@ -121,7 +123,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 step += 1
                 scalars = {"loss": res.loss, **res.metrics, "lr": res.lr, "grad_norm": res.grad_norm,
-                           "tokens_per_s": world_tokens / dt, "step_time": dt, "loss_tokens": res.tokens}
+                           "tokens_per_s": world_tokens / dt, "step_time": dt, self.loss.unit: res.tokens}
                 if peak is not None:
                     tflops = flops_per_token * world_tokens / dt / n_dev / 1e12
                     scalars.update(tflops=tflops, mfu=tflops / peak)

@@ -43,6 +43,10 @@ class StepLoss(Protocol):
     """True when the loss needs `mb["ref_logps"]` (the frozen reference's summed log-probs per row)."""
     metric_names: tuple
     """The metric keys `__call__` returns (every rank reduces the same keys, pipeline stages included)."""
+    unit: str
+    """What a unit is, as logged with its count per step: `loss_tokens`, `pairs`."""
+    sequences_per_sample: int
+    """Rows of a micro-batch per sample of `train.micro_batch_size`: 1, or 2 for pairs."""
 
     def units(self, mb: dict) -> float:
         """This micro-batch's count towards the global normaliser (loss tokens; pairs)."""

@@ -29,6 +29,9 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 class _PairLoss:
     """Shared by both stages: units are pairs; rows [0, B) and [B, 2B) of a micro-batch are the two sides."""
 
+    unit = "pairs"
+    sequences_per_sample = 2
+
     def units(self, mb: dict) -> float:
         return float(mb["tokens"].shape[0] // 2)
 

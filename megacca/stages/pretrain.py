@@ -16,6 +16,8 @@ class NextTokenLoss:
 
     reference = False
     metric_names = ()
+    unit = "loss_tokens"
+    sequences_per_sample = 1
 
     def units(self, mb: dict) -> float:
         return float(mb["loss_mask"].sum())
