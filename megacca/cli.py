@@ -16,6 +16,8 @@ from megacca.config import ConfigError, load_config, to_dict
 DOCS = """\
 configs:
   configs/pretrain/*.yaml   shipped configs (debug: synthetic data, digits: the demo's code shards, ...)
+  configs/cca/*.yaml, configs/dpo/*.yaml
+                            the alignment stages (stage: cca | dpo, the align: section, train.init_from)
   megacca/config.py, megacca/data/config.py
                             the config tree: every key with its default and a docstring
   docs/data-format.md       shards, the unified vocabulary, batches;  docs/decisions.md  design log
@@ -43,6 +45,8 @@ examples:
   megacca train configs/pretrain/debug.yaml parallel.tp=2          # starts 2 ranks itself
   NPROC=2 bash launch/pretrain.sh configs/pretrain/debug.yaml      # the launcher script (deepspeed, torchrun)
   megacca train configs/pretrain/digits.yaml data.vocab=data/digits/vocab.json train.run_dir=runs/d
+  megacca train configs/cca/digits.yaml train.init_from=runs/demo    # the config's stage: cca
+  bash launch/cca_stage.sh configs/cca/digits.yaml                  # the same, through the stage launcher
 
 exit status: 0 trained (or already complete), 2 a config or data error, other: a crash (traceback).
 """
