@@ -13,8 +13,6 @@ precomputed (`align.reference: precomputed`, tools/precompute_ref_logps.py).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from megacca.config import AlignConfig, Config
@@ -99,19 +97,12 @@ def build_data(cfg: Config, dp_rank: int, dp_size: int):
                                   dp_rank, dp_size, cfg.train.seed)
 
 
-def reference_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint the frozen reference loads: None when the stage needs no reference model (SimPO) or its
-    log-probs come precomputed."""
-    from megacca.checkpoint import resolve_checkpoint
-
-    if cfg.align.reference != "model" or not build_loss(cfg).reference:
-        return None
-    return resolve_checkpoint(cfg.train.init_from)
-
-
 def run(cfg: Config) -> list[dict]:
     from megacca.checkpoint import resolve_checkpoint
 
     # train.init_from was checked against the config before any rank started (megacca.checkpoint.check_init_from)
-    return Trainer(cfg, build_data, build_loss(cfg), init_from=resolve_checkpoint(cfg.train.init_from),
-                   reference_from=reference_checkpoint(cfg)).fit()
+    init, loss = resolve_checkpoint(cfg.train.init_from), build_loss(cfg)
+    # The frozen reference is the starting checkpoint, unless the loss needs none (SimPO) or its log-probs come
+    # precomputed with the pairs.
+    reference = init if loss.reference and cfg.align.reference == "model" else None
+    return Trainer(cfg, build_data, loss, init_from=init, reference_from=reference).fit()
