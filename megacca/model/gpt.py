@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megacca.config import Config
 from megacca.model.attention import FlashAttention, SDPAttention, resolve_backend
-from megacca.model.rope import positions_2d, rotary_emb_2d
+from megacca.model.rope import positions_2d, positions_llamagen, rotary_emb_1d, rotary_emb_2d, rotary_positions
 
 log = logging.getLogger(__name__)
 _LOGGED_BACKEND = False
@@ -102,7 +102,22 @@ def layer_spec(backend: str, num_layers: int, sequence_parallel: bool):
 
 
 class UnifiedGPT(GPTModel):
-    """GPTModel plus 2D rotary: `forward(tokens, labels=None)` returns logits [B, S, V/tp] or NLL [B, S]."""
+    """GPTModel plus 2D rotary: `forward(tokens, labels=None)` returns logits [B, S, V/tp] or NLL [B, S].
+
+    Rotary positions are absolute. Training passes nothing: 1D rotary is megatron's own (0..S-1) and 2D rotary
+    is `positions_2d` of the tokens. Inference (megacca.generation) passes `rotary_positions`: the positions of
+    every key the attention sees, computed over each row's whole history (and counted from the first real
+    token of a left-padded row). With megatron's static KV cache (`inference_context`) that is the cached
+    prefix plus this chunk, [B, offset + S(, 2)], because that cache stores keys before rotary and rotates all
+    of them at every step (megatron/core/transformer/attention.py, `_adjust_key_value_for_inference`).
+
+    `model.layout: llamagen` (LlamaGen's class-conditional GPT): a token outside the image-code range is a
+    condition whose query and key are zero in every layer. LlamaGen gets that from all-zero rows of its rotary
+    table, which no rotation angle gives, so a hook on each layer's fused qkv projection zeroes those rows of
+    the condition positions (before rotary, so before megatron's KV cache stores the key: a cached condition
+    key stays zero). `model.logprob_norm: codebook`: the loss (per-token NLL) of a position whose label is an
+    image code is normalised over the codebook only; each tp rank masks the non-code logits of its own slice.
+    """
 
     def __init__(self, cfg: Config, pre_process: bool = True, post_process: bool = True, vp_stage=None):
         global _LOGGED_BACKEND
@@ -128,24 +143,100 @@ class UnifiedGPT(GPTModel):
         self.boi_token_id = cfg.model.boi_token_id
         self.image_grid = cfg.model.image_grid
         self.head_dim = cfg.model.hidden_size // cfg.model.num_attention_heads
-        self._pos2d = None
+        self.unpadded_vocab_size = cfg.model.vocab_size  # logits beyond it are the padding rows
+        self.layout, self.logprob_norm = cfg.model.layout, cfg.model.logprob_norm
+        m = cfg.model
+        self.code_range = None if m.image_token_offset is None or m.codebook_size is None else \
+            (m.image_token_offset, m.image_token_offset + m.codebook_size)
+        self._rotary = None
+        self._keep_qk = None  # LlamaGen layout: [S, B, 1, 1], False at the condition positions of this forward
+        if self.layout == "llamagen":
+            for layer in self.decoder.layers:
+                layer.self_attention.linear_qkv.register_forward_hook(self._zero_condition_qk)
+
+    def _zero_condition_qk(self, module, args, output):
+        """Forward hook on `linear_qkv` (LlamaGen layout): zero the query and key of the condition positions.
+        Its output is [S, B, groups_local * (heads/groups + 2) * d], each group holding its query heads, its
+        key and its value: the first heads/groups + 1 head slots are zeroed, the value kept."""
+        mixed, bias = output
+        c = self.config
+        per = c.num_attention_heads // (c.num_query_groups or c.num_attention_heads)
+        s, b, width = mixed.shape
+        grouped = mixed.view(s, b, width // ((per + 2) * self.head_dim), (per + 2) * self.head_dim)
+        qk, v = grouped.split([(per + 1) * self.head_dim, self.head_dim], dim=-1)
+        qk = qk.masked_fill(~self._keep_qk, 0.0)
+        return torch.cat([qk, v], dim=-1).view(s, b, width), bias
+
+    def history_positions(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Absolute rotary positions of a token history [B, S] (what `rotary_positions` takes): see
+        `megacca.model.rope.rotary_positions`; `start` [B]: the first real token of left-padded rows."""
+        return rotary_positions(tokens, self.rope_mode, self.boi_token_id, self.image_grid, start,
+                                self.code_range if self.layout == "llamagen" else None)
+
+    def rotary_emb(self, positions: torch.Tensor) -> torch.Tensor:
+        """Per-row rotary angles [S, B, 1, head_dim] for absolute positions [B, S] (1d) or [B, S, 2] (2d)."""
+        if self.rope_mode == "2d":
+            return rotary_emb_2d(positions, self.head_dim, self.rotary_base)
+        return rotary_emb_1d(positions, self.rotary_pos_emb.inv_freq)
+
+    def _rotary_for(self, input_ids, rotary_positions, inference_context):
+        """The angles this forward uses, or None for megatron's own 1D rotary."""
+        offset = inference_context.sequence_len_offset if inference_context is not None else 0
+        if rotary_positions is not None:
+            b, s = rotary_positions.shape[:2]
+            ndim = 3 if self.rope_mode == "2d" else 2
+            if b not in (1, input_ids.shape[0]) or s != offset + input_ids.shape[1] or rotary_positions.dim() != ndim:
+                raise ValueError(f"rotary_positions has shape {tuple(rotary_positions.shape)}; {self.rope_mode} "
+                                 f"rotary over {offset} cached + {input_ids.shape[1]} new positions needs "
+                                 f"({input_ids.shape[0]} or 1, {offset + input_ids.shape[1]}"
+                                 f"{', 2' if ndim == 3 else ''})")
+            return self.rotary_emb(rotary_positions)
+        if self.rope_mode != "2d":
+            return None
+        if offset:
+            raise ValueError("2D rotary after a KV-cache prefill needs rotary_positions: the <boi> locations "
+                             "that place this chunk are in the cached prefix (megacca.model.rope.rotary_positions)")
+        if self.layout == "llamagen":
+            return rotary_emb_2d(positions_llamagen(input_ids, self.code_range, self.image_grid), self.head_dim,
+                                 self.rotary_base)
+        return rotary_emb_2d(positions_2d(input_ids, self.boi_token_id, self.image_grid), self.head_dim,
+                             self.rotary_base)
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """megatron's vocab-parallel NLL [B, S]; with `logprob_norm: codebook` over the codebook alone at the
+        positions whose label is an image code (logits [S, B, V/tp]: this rank's slice of the vocabulary)."""
+        if self.logprob_norm == "codebook":
+            lo, hi = self.code_range
+            n = logits.shape[-1]
+            first = parallel_state.get_tensor_model_parallel_rank() * n
+            ids = torch.arange(first, first + n, device=logits.device)
+            not_code = (ids < lo) | (ids >= hi)
+            code_label = ((labels >= lo) & (labels < hi)).transpose(0, 1)
+            logits = logits.masked_fill(code_label[..., None] & not_code, float("-inf"))
+        return super().compute_language_model_loss(labels, logits)
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
-        if self.rope_mode == "2d" and self._pos2d is not None:
-            emb = rotary_emb_2d(self._pos2d, self.head_dim, self.rotary_base)
-            out = (out[0], emb.to(out[1].device), *out[2:])
+        if self._rotary is not None:
+            out = (out[0], self._rotary.to(out[1].device), *out[2:])
         return out
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, *args, labels=None, **kwargs):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, *args, labels=None,
+                rotary_positions=None, **kwargs):
+        """megatron's GPTModel.forward, plus `rotary_positions`: None (training: see the class docstring) or
+        absolute positions [B or 1, cached + S] (1d) / [B or 1, cached + S, 2] (2d); a batch dimension of 1
+        is shared by every row (its angles are computed once, not per row)."""
         # Every pipeline stage receives the token ids (our schedule feeds them to all stages), so even stages
         # without the embedding can compute the 2D positions their rotary needs.
-        if self.rope_mode == "2d":
-            self._pos2d = positions_2d(input_ids, self.boi_token_id, self.image_grid)
+        self._rotary = self._rotary_for(input_ids, rotary_positions, kwargs.get("inference_context"))
+        if self.layout == "llamagen":
+            lo, hi = self.code_range
+            self._keep_qk = ((input_ids >= lo) & (input_ids < hi)).transpose(0, 1)[..., None, None]
         try:
             return super().forward(input_ids, position_ids, attention_mask, *args, labels=labels, **kwargs)
         finally:
-            self._pos2d = None
+            self._rotary = None
+            self._keep_qk = None
 
 
 def build_model(cfg: Config, vp_stage=None) -> UnifiedGPT:
