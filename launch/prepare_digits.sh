@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Build the digits training data, each step skipped when its output exists:
-#   images (sklearn digits) -> sentencepiece on the captions -> tiny VQ -> code shards -> vocab.json
-#   -> image->caption preference pairs (DPO)
+#   images (sklearn digits, training images with their 8 one-pixel shifts, shift-conditioned)
+#   -> sentencepiece on the captions and shift words -> tiny VQ -> code shards -> vocab.json
+#   -> image->caption preference pairs (DPO, un-shifted images only)
 # Usage: bash launch/prepare_digits.sh [OUT_DIR=data/digits]
 set -euo pipefail
 case "${1:-}" in -h|--help) cat <<'EOF'
 usage: bash launch/prepare_digits.sh [OUT_DIR]     (default OUT_DIR: data/digits)
 
 Builds the digits training data, each step skipped when its output exists: image shards (scikit-learn
-digits) -> sentencepiece on the captions -> tiny VQ tokenizer -> code shards -> vocab.json -> image->caption
-preference pairs for DPO (caption_pairs/).
-Environment: MEGACCA_PYTHON (default .venv/bin/python).
+digits; every training image also as its 8 copies shifted by one pixel, which the loader marks in the
+condition, docs/data-format.md "Augmented samples"; held-out images unshifted) -> sentencepiece on the
+captions and shift words -> tiny VQ tokenizer -> code shards -> vocab.json -> image->caption preference pairs
+for DPO (caption_pairs/, unshifted images only).
+Environment: MEGACCA_PYTHON (default .venv/bin/python); MEGACCA_DIGITS_AUGMENT=0 builds without the shifted
+copies. An OUT_DIR whose images were built the other way is refused (exit 2): use a new OUT_DIR.
 EOF
   exit 0 ;;
 esac
@@ -20,12 +24,27 @@ PY="${MEGACCA_PYTHON:-.venv/bin/python}"
 mkdir -p "$OUT"
 step() { printf '\n== %s\n' "$*"; }
 
+AUGMENT="${MEGACCA_DIGITS_AUGMENT:-1}"
+case "$AUGMENT" in
+  1) AUG_FLAG=(--augment-shifts); AUG_WORDS=", training images with their 8 one-pixel shifts" ;;
+  0) AUG_FLAG=(); AUG_WORDS="" ;;
+  *) echo "prepare_digits.sh: error: MEGACCA_DIGITS_AUGMENT must be 0 or 1, got '$AUGMENT'" >&2; exit 2 ;;
+esac
 if [ ! -f "$OUT/images/manifest.json" ]; then
-  step "image shards from the scikit-learn digits"
-  "$PY" tools/make_shards.py digits --out "$OUT/images"
+  step "image shards from the scikit-learn digits$AUG_WORDS"
+  "$PY" tools/make_shards.py digits --out "$OUT/images" ${AUG_FLAG[@]+"${AUG_FLAG[@]}"}
+else
+  # every later step derives from these images: a directory built the other way would silently give the
+  # other data set
+  has=$("$PY" -c 'import json,sys; print(int("augment" in json.load(open(sys.argv[1]))))' "$OUT/images/manifest.json")
+  if [ "$has" != "$AUGMENT" ]; then
+    echo "prepare_digits.sh: error: $OUT/images was built $([ "$has" = 1 ] && echo with || echo without) the shifted" \
+      "copies, MEGACCA_DIGITS_AUGMENT=$AUGMENT asks for the other; use a new OUT_DIR (or remove $OUT)" >&2
+    exit 2
+  fi
 fi
 if [ ! -f "$OUT/text.model" ]; then
-  step "sentencepiece on the captions"
+  step "sentencepiece on the captions (and the shift words of augmented copies)"
   "$PY" tokenizers/train_text.py --input "$OUT/images" --vocab-size 128 --model-type bpe --out "$OUT/text"
 fi
 if [ ! -f "$OUT/vq/model.safetensors" ]; then

@@ -5,8 +5,9 @@
 writes ``PREFIX.model`` and ``PREFIX.vocab``.  Inputs (one or more, mixed freely):
 
 - a shard directory (holding ``manifest.json``, see docs/data-format.md): captions of ``images``/``codes``
-  shards (``KEY.json`` "captions"), documents of ``text`` shards (``KEY.txt``), prompt/chosen/rejected of
-  ``pairs`` shards; only the ``--split`` split (default ``train``, ``all`` for every split);
+  shards (``KEY.json`` "captions", and the condition words ``"augment": {"text"}`` of augmented copies),
+  documents of ``text`` shards (``KEY.txt``), prompt/chosen/rejected of ``pairs`` shards; only the ``--split``
+  split (default ``train``, ``all`` for every split);
 - a single ``.tar`` shard (same members as above);
 - a ``.jsonl`` file: the string fields ``text``, ``caption``, ``captions``, ``prompt``, ``chosen``,
   ``rejected`` of every line;
@@ -59,6 +60,9 @@ def _texts_of_sample(sample: dict, where: str):
         if isinstance(meta, dict):
             for field in JSONL_FIELDS:
                 yield from _strings(meta.get(field))
+            aug = meta.get("augment")  # an augmented copy's condition words, which the loader encodes as text
+            if isinstance(aug, dict):
+                yield from _strings(aug.get("text"))
 
 
 def iter_texts(path: str, split: str):

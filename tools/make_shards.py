@@ -1,6 +1,6 @@
 """Write WebDataset shard directories (docs/data-format.md, "Shards").
 
-    python tools/make_shards.py digits      --out DIR
+    python tools/make_shards.py digits      --out DIR [--augment-shifts]
     python tools/make_shards.py imagefolder --images DIR --captions FILE.jsonl --out OUT
     python tools/make_shards.py imagenet    --root DIR --out OUT [--max-per-class N] [--size S]
     python tools/make_shards.py text        --input FILE.jsonl [...] --out OUT
@@ -16,7 +16,10 @@ input and the flags: two runs give byte-identical shards (same sha256s).
 digits
     The real handwritten digits bundled with scikit-learn (``sklearn.datasets.load_digits``: 1,797 8x8
     images, values 0..16 stored as grayscale PNG 0..255), labels 0..9, class names "0".."9", six caption
-    templates per class; 10% per class held out by default.
+    templates per class; 10% per class held out by default. ``--augment-shifts`` adds, for every training
+    image, its 8 copies shifted by one pixel (vacated pixels 0), each with json ``"augment": {"shift": [dx, dy],
+    "text": "up left"}``, which the loader puts into the condition (docs/data-format.md, "Augmented
+    samples"); the held-out split is the same, byte for byte, as without the flag.
 imagefolder
     ``--captions`` jsonl lines ``{"file": "a.jpg", "caption": "..."}`` or ``{"file": ..., "captions": [...]}``
     (optional ``"label": int``); ``file`` is relative to ``--images``.
@@ -32,7 +35,8 @@ pairs
 caption-pairs
     Image→caption preference pairs from a labelled, captioned ``images`` directory (e.g. ``digits``): per
     image, the prompt is the image (no text), chosen one of its captions, rejected a caption of another
-    class (seeded); keys and splits as in ``--src``. For DPO on captioning (configs/dpo/digits_captions.yaml).
+    class (seeded); keys and splits as in ``--src``; augmented copies (json ``augment``) are left out. For DPO
+    on captioning (configs/dpo/digits_captions.yaml).
 
 Images are stored as PNG; ``--size S`` resizes the shorter side to S (bicubic) and center-crops S x S.
 Bad input (missing file, malformed jsonl line, unreadable image) is one line naming the file (and line)
@@ -61,6 +65,7 @@ if _REPO not in sys.path:
 import numpy as np  # noqa: E402
 
 from megacca.cli import UsageError, run_tool  # noqa: E402
+from megacca.data.augment import FILL, SHIFTS, is_augmented, shift_image, shift_record  # noqa: E402
 from megacca.data.shards import MANIFEST_NAME, SHARD_NAME_RE, TMP_NAME_RE, ShardWriter, write_manifest  # noqa: E402
 
 PROG = "make_shards.py"
@@ -297,21 +302,36 @@ def cmd_digits(args) -> dict:
     names = [str(k) for k in range(10)]
     captions = [[t.format(d=k, word=NUMBER_WORDS[k]) for t in DIGIT_TEMPLATES] for k in range(10)]
     held = stratified_heldout_mask(labels, args.heldout_fraction, args.seed)
+    records = [(int(i), None) for i in write_order(len(labels), args.shuffle, args.seed)]  # (index, shift)
+    extra, msg = {}, ""
+    if args.augment_shifts:
+        # Held-out records keep the order (and so the bytes) they have without augmentation; the training
+        # split gets each image's shifted copies, shuffled in among the originals.
+        train = [(i, s) for i, _ in records if not held[i] for s in (None, *SHIFTS)]
+        if args.shuffle:
+            train = [train[j] for j in np.random.default_rng(args.seed + 2).permutation(len(train))]
+        records = [r for r in records if held[r[0]]] + train
+        n_orig = int((~held).sum())
+        extra["augment"] = {"shifts": [list(s) for s in SHIFTS], "fill": FILL, "split": args.split,
+                            "originals": n_orig}
+        msg = f"{args.split}: {n_orig} images + {n_orig * len(SHIFTS)} shifted copies"
 
     def gen():
-        for i in write_order(len(labels), args.shuffle, args.seed):
+        for i, shift in records:
             k = int(labels[i])
+            meta = {"label": k, "captions": captions[k], "index": i}
+            img, key = px[i], f"digit{i:04d}"
+            if shift is not None:
+                meta["augment"] = shift_record(*shift)
+                img, key = shift_image(img, *shift), key + "_" + meta["augment"]["text"].replace(" ", "_")
             yield ("heldout" if held[i] else args.split), {
-                "__key__": f"digit{i:04d}",
-                "png": png_bytes(Image.fromarray(px[i], mode="L")),
-                "json": {"label": k, "captions": captions[k], "index": int(i)},
-            }
+                "__key__": key, "png": png_bytes(Image.fromarray(img, mode="L")), "json": meta}
 
     splits = write_splits(args.out, args, gen())
-    return finish(args.out, args, "images", splits, classes=names, image_size=[8, 8], source="digits",
+    return finish(args.out, args, "images", splits, msg, classes=names, image_size=[8, 8], source="digits",
                   image_mode="L", captions=True, labels=True,
                   source_detail="sklearn.datasets.load_digits (UCI optical recognition of handwritten digits), "
-                                "values 0..16 scaled to 0..255")
+                                "values 0..16 scaled to 0..255", **extra)
 
 
 def cmd_imagefolder(args) -> dict:
@@ -539,8 +559,9 @@ def cmd_caption_pairs(args) -> dict:
         raise UsageError(f"--src {args.src}: needs an images shard directory whose samples carry labels and "
                          f"captions (its manifest: kind {m['kind']}, labels {m.get('labels')}, "
                          f"captions {m.get('captions')})")
-    try:
-        by_split = {split: list(iter_samples(args.src, split, m)) for split in m["splits"]}
+    try:  # augmented copies (json 'augment') are left out: the alignment stages train on the real images only
+        by_split = {split: [smp for smp in iter_samples(args.src, split, m)
+                            if not is_augmented(json.loads(smp["json"]))] for split in m["splits"]}
     except ShardReadError as e:
         raise UsageError(str(e)) from None
     captions: dict[int, list[str]] = collections.defaultdict(list)  # every caption of each class, all splits
@@ -596,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--workers", type=positive_int, default=1, help="image-decoding threads")
 
     p = sub.add_parser("digits", help="scikit-learn's bundled 8x8 handwritten digits")
+    p.add_argument("--augment-shifts", action="store_true",
+                   help="add 8 copies of every training image shifted by one pixel (json 'augment'; the held-out "
+                        "split is unchanged)")
     common(p, 0.1, images=False)
     p.set_defaults(fn=cmd_digits)
 

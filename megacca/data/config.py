@@ -29,6 +29,9 @@ class SourceConfig:
     """Relative mixing weight among the sources (normalised over all sources)."""
     split: str = "train"
     """Which split of the shard directory to read."""
+    augmented: bool = True
+    """Read the augmented copies (json `augment`, e.g. `make_shards.py digits --augment-shifts`) as well;
+    false: only the un-augmented samples (pretraining; the alignment stages never read augmented copies)."""
 
 
 @dataclass
@@ -139,6 +142,11 @@ def resolve_source(i: int, src: SourceConfig, vocab, stage: str = "pretrain",
         check_fits_shards(vocab, task, manifest, f"{key} ({where})")
     except VocabMismatchError as e:
         raise ConfigError("data.vocab", str(e)) from None
+    if (stage == "pretrain" and task == "c2i" and src.augmented and manifest.get("augment")
+            and (not getattr(vocab, "text_size", 0) or getattr(vocab, "text", True) is None)):
+        raise ConfigError("data.vocab", f"{key} ({where}) holds augmented copies, whose condition carries text "
+                                        f"pieces, but the vocabulary has no text model; set {key}.augmented=false "
+                                        f"or give the vocabulary a text model")
     return manifest, task
 
 

@@ -63,9 +63,10 @@ import webdataset as wds
 
 from megacca.data.align import (REF_PAIR_FIELDS, check_fits, cca_pairs, collate_pairs, dpo_pair, parse_ref_pair,
                                 split_condition)
+from megacca.data.augment import augment_text, is_augmented
 from megacca.data.config import resolve_source
-from megacca.data.packing import (BadSample, c2i_tokens, fit_sample, i2t_tokens, interleaved_tokens, pack,
-                                  rows_to_batch, t2i_tokens, text_tokens)
+from megacca.data.packing import (BadSample, c2i_tokens, fit_sample, i2t_tokens, interleaved_tokens,
+                                  llamagen_c2i_tokens, pack, rows_to_batch, t2i_tokens, text_tokens)
 from megacca.data.shards import read_shard_samples, shard_damage
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,18 @@ class _Source:
     """One resolved `SourceConfig`: its shard files and task (picklable, sent to the workers)."""
 
     def __init__(self, index: int, path: str, split: str, task: str, weight: float, names: list[str],
-                 counts: list[int]):
+                 counts: list[int], augmented: bool = True):
         self.index, self.path, self.split, self.task, self.weight = index, path, split, task, float(weight)
         self.names, self.counts = list(names), [int(c) for c in counts]
         self.paths = [os.path.join(path, n) for n in names]
+        self.augmented = bool(augmented)  # pretraining reads augmented copies (json 'augment') too
 
     def fingerprint(self) -> dict:
-        return {"split": self.split, "task": self.task, "weight": self.weight,
-                "shards": [[n, c] for n, c in zip(self.names, self.counts)]}
+        fp = {"split": self.split, "task": self.task, "weight": self.weight,
+              "shards": [[n, c] for n, c in zip(self.names, self.counts)]}
+        if not self.augmented:  # states saved before the option existed stay loadable
+            fp["augmented"] = False
+        return fp
 
 
 def plan_units(num_shards: int, slots: int, slot: int, seed: int, source_index: int,
@@ -168,8 +173,9 @@ class _Plan:
 
     def __init__(self, sources: list[_Source], vocab, seq_length: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, workers: int, seed: int, shuffle_buffer: int, cond_dropout: float,
-                 on_error: str, mode: str = "pretrain", align: Optional[dict] = None):
+                 on_error: str, mode: str = "pretrain", align: Optional[dict] = None, layout: str = "unified"):
         self.sources, self.vocab = sources, vocab
+        self.layout = layout  # model.layout: "unified", or "llamagen" (c2i samples `<class> codes`)
         self.seq_length, self.micro_batch_size = int(seq_length), int(micro_batch_size)
         self.dp_rank, self.dp_size, self.workers = int(dp_rank), int(dp_size), int(workers)
         self.slots = self.dp_size * self.workers
@@ -188,6 +194,8 @@ class _Plan:
               "sources": [s.fingerprint() for s in self.sources]}
         if self.mode != "pretrain":  # pretraining states saved before alignment mode existed stay loadable
             fp.update(mode=self.mode, align=self.align)
+        if self.layout != "unified":  # likewise for states saved before layouts existed
+            fp["layout"] = self.layout
         return fp
 
 
@@ -223,24 +231,48 @@ def _meta(d: dict) -> dict:
     return meta
 
 
+def _augment_ids(vocab, meta: dict) -> list[int]:
+    """The pieces of an augmented copy's augmentation words (none for a real sample)."""
+    try:
+        text = augment_text(meta)
+    except ValueError as e:
+        raise BadSample(str(e), "missing_field") from None
+    return [] if text is None else vocab.encode_text(text)
+
+
+def _augmented(sample: dict, shard: str) -> bool:
+    """Whether a raw sample is an augmented copy (json ``augment``); a sample without json is not."""
+    return "json" in sample and is_augmented(_decode(sample, ["json"], shard)["json"])
+
+
 def tokenize_sample(task: str, sample: dict, vocab, shard: str, u_drop: float, u_cap: float,
-                    cond_dropout: float):
-    """One raw sample → ``((ids, target), has_image)``; raises `BadSample` (without shard/key in the text)."""
+                    cond_dropout: float, layout: str = "unified"):
+    """One raw sample → ``((ids, target), has_image)``; raises `BadSample` (without shard/key in the text).
+    An augmented copy's c2i / t2i condition ends with its augmentation words, dropped condition or not; its
+    i2t sample is the plain layout (the caption describes the shifted image as well)."""
     drop = u_drop < cond_dropout
     if task == "c2i":
         d = _decode(sample, ["codes.npy", "json"], shard)
-        label = _meta(d).get("label")
+        meta = _meta(d)
+        label = meta.get("label")
         if label is None:
             raise BadSample("no class label (json 'label' is missing or null)", "missing_field")
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < vocab.num_classes:
             raise BadSample(f"class label {label!r} outside [0, {vocab.num_classes})", "bad_label")
-        return c2i_tokens(vocab, label, _check_codes(vocab, d["codes.npy"]), drop), True
+        codes, aug = _check_codes(vocab, d["codes.npy"]), _augment_ids(vocab, meta)
+        if layout == "llamagen":
+            if aug:
+                raise BadSample("an augmented copy: the llamagen layout's condition is the class alone (set the "
+                                "source's augmented: false)", "bad_label")
+            return llamagen_c2i_tokens(vocab, label, codes, drop), True
+        return c2i_tokens(vocab, label, codes, drop, aug), True
     if task in ("t2i", "i2t"):
         d = _decode(sample, ["codes.npy", "json"], shard)
-        caption = vocab.encode_text(_caption(_meta(d), u_cap))
+        meta = _meta(d)
+        caption = vocab.encode_text(_caption(meta, u_cap))
         codes = _check_codes(vocab, d["codes.npy"])
         if task == "t2i":
-            return t2i_tokens(vocab, caption, codes, drop), True
+            return t2i_tokens(vocab, caption, codes, drop, _augment_ids(vocab, meta)), True
         return i2t_tokens(vocab, codes, caption), True
     if task == "text":
         d = _decode(sample, ["txt"], shard)
@@ -298,14 +330,18 @@ def _pair_sample(sample: dict, vocab, shard: str):
 
 def _sample_item(plan: _Plan, src: _Source, sample: dict, shard: str, u_drop: float, u_cap: float):
     """One raw sample → what a unit holds for it: its packing pieces (pretraining), a `CondImage` (CCA) or a
-    `Pair` (DPO, precomputed pairs). Raises `BadSample` without shard and key in the text."""
+    `Pair` (DPO, precomputed pairs), or None for an augmented copy that is not read (alignment stages always,
+    pretraining with the source's ``augmented: false``). Raises `BadSample` without shard and key in the text."""
+    if (plan.mode != "pretrain" or not src.augmented) and _augmented(sample, shard):
+        return None
     if plan.mode == "pretrain":
-        tok, has_image = tokenize_sample(src.task, sample, plan.vocab, shard, u_drop, u_cap, plan.cond_dropout)
+        tok, has_image = tokenize_sample(src.task, sample, plan.vocab, shard, u_drop, u_cap, plan.cond_dropout,
+                                         plan.layout)
         return fit_sample(tok, plan.seq_length, has_image)
     if src.task in ("c2i", "t2i"):  # CCA: the pretraining layout, never dropped (CCA draws its own <null> rows)
-        tok, _ = tokenize_sample(src.task, sample, plan.vocab, shard, u_drop, u_cap, 0.0)
+        tok, _ = tokenize_sample(src.task, sample, plan.vocab, shard, u_drop, u_cap, 0.0, plan.layout)
         check_fits(tok, plan.seq_length)
-        return split_condition(plan.vocab, tok, _meta(_decode(sample, ["json"], shard)).get("label"))
+        return split_condition(plan.vocab, tok, _meta(_decode(sample, ["json"], shard)).get("label"), plan.layout)
     if src.task == "pairs":
         pair = _pair_sample(sample, plan.vocab, shard)
     else:
@@ -336,7 +372,9 @@ def _unit_items(plan: _Plan, src: _Source, epoch: int, unit: tuple[int, int, int
     for s, (u_drop, u_cap) in zip(kept, draws):
         key = s["__key__"]
         try:
-            items.append((key, _sample_item(plan, src, s, path, float(u_drop), float(u_cap))))
+            item = _sample_item(plan, src, s, path, float(u_drop), float(u_cap))
+            if item is not None:
+                items.append((key, item))
         except BadSample as e:
             _bad(plan, BadSample(f"{path}: sample key {key!r}: {e}", e.reason, path, key), errors)
         except Exception as e:  # not a known kind of bad input: a bug or an unforeseen case, never skipped
@@ -441,7 +479,7 @@ class _SlotStream:
             a = plan.align
             rng = np.random.default_rng([plan.seed & _SEED_MASK, _TAG_PAIR, self.slot, counter])
             items = cca_pairs(plan.vocab, items, negatives=a["negatives"], uncond_ratio=a["uncond_ratio"],
-                              same_label_positive=a["same_label_positive"], rng=rng)
+                              same_label_positive=a["same_label_positive"], rng=rng, layout=plan.layout)
         return collate_pairs(items, plan.seq_length, plan.vocab.pad_id, pos_like=plan.mode == "cca",
                              ref_logps=plan.align["ref_logps"])
 
@@ -586,8 +624,10 @@ class WebDatasetSource:
 # ---------------------------------------------------------------------------------------------------------
 def _build_plan(data_cfg, vocab, seq_length: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                 stage: str = "pretrain", align_cfg=None, split: Optional[str] = None,
-                workers: Optional[int] = None) -> _Plan:
+                workers: Optional[int] = None, layout: str = "unified") -> _Plan:
     """Check the arguments, resolve the sources (``split`` overrides each source's) and make the plan."""
+    if layout not in ("unified", "llamagen"):
+        raise ValueError(f"layout must be 'unified' or 'llamagen', got {layout!r}")
     if not data_cfg.sources:
         raise ValueError("data.sources is empty")
     if data_cfg.on_error not in ("raise", "skip"):
@@ -614,7 +654,9 @@ def _build_plan(data_cfg, vocab, seq_length: int, micro_batch_size: int, dp_rank
         if sum(counts) < slots:
             raise ValueError(f"data.sources[{i}] ({sc.path}, split {sc.split!r}) has {sum(counts)} samples, "
                              f"fewer than the {slots} readers (dp_size {dp_size} x num_workers {workers})")
-        sources.append(_Source(i, sc.path, sc.split, task, sc.weight, names, counts))
+        if layout == "llamagen" and task not in ("c2i", "ref_pairs"):
+            raise ValueError(f"data.sources[{i}] ({sc.path}) reads as {task}; the llamagen layout is class->image only")
+        sources.append(_Source(i, sc.path, sc.split, task, sc.weight, names, counts, sc.augmented))
     align = None
     if stage != "pretrain":
         a = align_cfg
@@ -622,22 +664,24 @@ def _build_plan(data_cfg, vocab, seq_length: int, micro_batch_size: int, dp_rank
                  "same_label_positive": bool(a.same_label_positive), "ref_logps": a.reference == "precomputed"}
     return _Plan(sources, vocab, seq_length, micro_batch_size, dp_rank, dp_size, workers, seed,
                  data_cfg.shuffle_buffer, 0.0 if stage != "pretrain" else data_cfg.cond_dropout, data_cfg.on_error,
-                 mode=stage, align=align)
+                 mode=stage, align=align, layout=layout)
 
 
 def build_webdataset_source(data_cfg, vocab, seq_length: int, micro_batch_size: int, dp_rank: int = 0,
-                            dp_size: int = 1, seed: int = 0) -> WebDatasetSource:
+                            dp_size: int = 1, seed: int = 0, layout: str = "unified") -> WebDatasetSource:
     """The streaming loader over ``data_cfg.sources`` for data-parallel rank ``dp_rank`` of ``dp_size``.
 
     ``data_cfg``: a `megacca.data.config.DataConfig`; ``vocab``: a `UnifiedVocab`; ``seq_length`` S (rows
-    are ``S + 1`` tokens); ``seed``: the data-order seed (the same on every rank).
+    are ``S + 1`` tokens); ``seed``: the data-order seed (the same on every rank); ``layout``: the model's
+    (`model.layout`; ``llamagen`` reads c2i samples as ``<class> codes``).
     """
-    plan = _build_plan(data_cfg, vocab, seq_length, micro_batch_size, dp_rank, dp_size, seed)
+    plan = _build_plan(data_cfg, vocab, seq_length, micro_batch_size, dp_rank, dp_size, seed, layout=layout)
     return WebDatasetSource(plan, data_cfg.num_workers)
 
 
 def build_alignment_source(data_cfg, align_cfg, stage: str, vocab, seq_length: int, micro_batch_size: int,
-                           dp_rank: int = 0, dp_size: int = 1, seed: int = 0) -> WebDatasetSource:
+                           dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                           layout: str = "unified") -> WebDatasetSource:
     """The streaming loader in alignment mode for ``stage`` ``cca`` or ``dpo``: each micro-batch holds
     ``micro_batch_size`` pairs as ``2 * micro_batch_size`` rows (docs/data-format.md, "Alignment batches").
 
@@ -649,13 +693,14 @@ def build_alignment_source(data_cfg, align_cfg, stage: str, vocab, seq_length: i
     """
     if stage not in ("cca", "dpo"):
         raise ValueError(f"alignment stage must be 'cca' or 'dpo', got {stage!r}")
-    plan = _build_plan(data_cfg, vocab, seq_length, micro_batch_size, dp_rank, dp_size, seed, stage, align_cfg)
+    plan = _build_plan(data_cfg, vocab, seq_length, micro_batch_size, dp_rank, dp_size, seed, stage, align_cfg,
+                       layout=layout)
     return WebDatasetSource(plan, data_cfg.num_workers)
 
 
 def alignment_epoch(data_cfg, align_cfg, stage: str, vocab, seq_length: int, micro_batch_size: int, seed: int,
-                    split: Optional[str] = None,
-                    errors: Optional[Counter] = None) -> Iterator[tuple[int, list[tuple[str, Any]]]]:
+                    split: Optional[str] = None, errors: Optional[Counter] = None,
+                    layout: str = "unified") -> Iterator[tuple[int, list[tuple[str, Any]]]]:
     """One epoch of alignment pairs in a fixed order, for tools/precompute_ref_logps.py.
 
     Every source's split (``split`` overrides it) is read shard by shard in manifest order, each shard's
@@ -668,7 +713,7 @@ def alignment_epoch(data_cfg, align_cfg, stage: str, vocab, seq_length: int, mic
     if stage not in ("cca", "dpo"):
         raise ValueError(f"alignment stage must be 'cca' or 'dpo', got {stage!r}")
     model_ref = dataclasses.replace(align_cfg, reference="model")  # reads the samples the reference scores
-    plan = _build_plan(data_cfg, vocab, seq_length, micro_batch_size, 0, 1, seed, stage, model_ref, split, 1)
+    plan = _build_plan(data_cfg, vocab, seq_length, micro_batch_size, 0, 1, seed, stage, model_ref, split, 1, layout)
     errors = Counter() if errors is None else errors
     a = plan.align
     for src in plan.sources:
@@ -686,7 +731,7 @@ def alignment_epoch(data_cfg, align_cfg, stage: str, vocab, seq_length: int, mic
                 rng = np.random.default_rng([plan.seed & _SEED_MASK, _TAG_PAIR, src.index, n])
                 pairs = cca_pairs(vocab, [it for _, it in batch], negatives=a["negatives"],
                                   uncond_ratio=a["uncond_ratio"], same_label_positive=a["same_label_positive"],
-                                  rng=rng)
+                                  rng=rng, layout=layout)
             else:
                 pairs = [it for _, it in batch]
             n += 1
