@@ -49,7 +49,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, then `path` itself: what a rename into place must follow."""
     for p in sorted(path.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
@@ -130,7 +131,7 @@ class CheckpointManager:
                 atomic_write_json(tmp / "vocab.json", trainer_state["vocab"])
         _barrier()
         if r == 0:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             faults.maybe_kill("in_save", step)
             if final.exists():
                 shutil.rmtree(final)
@@ -168,7 +169,11 @@ class CheckpointManager:
 # Every megacca checkpoint holds its model weights as a megatron distributed checkpoint (torch_dist): the
 # megatron engine's `engine/` directory (model and optimizer together), or the DeepSpeed engine's `model/`
 # (written beside DeepSpeed's own files, ZeRO-3 parameters gathered first). Its tensors carry global shapes
-# and offsets, so one reader serves every tp / pp / ZeRO layout.
+# and offsets, so one reader serves every tp / pp / ZeRO layout. Its keys do not depend on the attention
+# backend either: megatron's local layer spec stores its norms under the Transformer Engine names
+# (`sharded_state_dict_keys_map`), so a TE model and a local-spec model write and read the same keys. Full
+# (single-process) state dicts use the canonical naming of `megacca.convert.canonical`, on the way out
+# (`read_full_state_dict`) and on the way in (`load_full_state_dict`, which takes TE names too).
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -238,18 +243,15 @@ def load_model_weights(model, ckpt: str | Path) -> None:
     model.load_state_dict(state["model"])
 
 
-# megatron's sharded names for the norms fused into the next linear (the TE layout) → the local spec's names.
-_SHARDED_TO_LOCAL = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-                     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
-
-
 def read_full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """The whole model of any megacca checkpoint as one single-process state dict, named as the tp=1, pp=1
-    model's `state_dict()` (megatron-core local spec: `decoder.layers.N.input_layernorm.weight`, ...). Needs no
-    process group; reads only the model's tensors (not the optimizer's)."""
+    """The whole model of any megacca checkpoint as one single-process state dict in the canonical naming
+    (`megacca.convert.canonical`: the tp=1, pp=1 local-spec model's `state_dict()` names without `_extra_state`,
+    `decoder.layers.N.input_layernorm.weight`, ...), whichever attention backend wrote it. Needs no process
+    group; reads only the model's tensors (not the optimizer's)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from megacca.convert.canonical import from_stored
     from megacca.safe_load import restricted_pickle
 
     src = model_weights_dir(ckpt)
@@ -262,16 +264,16 @@ def read_full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # a single-process read is the point here, not a fallback
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(flat, storage_reader=reader, no_dist=True)
-    out: dict[str, torch.Tensor] = {}
-    for key, t in flat.items():
-        if key.startswith("decoder.layers."):  # stacked over layers: [num_layers, ...]
-            rest = key[len("decoder.layers."):]
-            rest = _SHARDED_TO_LOCAL.get(rest, rest)
-            for i in range(t.shape[0]):
-                out[f"decoder.layers.{i}.{rest}"] = t[i].clone()
-        else:
-            out[key] = t
-    return dict(sorted(out.items()))
+    return from_stored(flat)
+
+
+def load_full_state_dict(model, state_dict: dict[str, torch.Tensor], where: str = "state dict") -> None:
+    """Load a full state dict (canonical names, or a Transformer Engine model's) into a tp=1, pp=1 model of
+    either layer spec, strictly; a missing, unexpected or misshapen key is a ConversionError naming it and both
+    shapes."""
+    from megacca.convert.canonical import load_canonical
+
+    load_canonical(model, state_dict, where)
 
 
 # The model fields a checkpoint's weights must agree with (vocab_size: the unpadded unified vocabulary).
