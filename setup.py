@@ -28,9 +28,12 @@ setup(
         "tqdm",
         "pillow",
         "scikit-learn",
+        # sample grids and the fidelity/diversity plot of `megacca sweep` and the demo
+        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # transformers: the Hugging Face export is checked against its LlamaForCausalLM (tests only)
+        "test": ["pytest>=8", "transformers>=4.45"],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["megacca=megacca.cli:main"]},

@@ -1,41 +1,53 @@
 #!/usr/bin/env bash
-# The main job, from a clean clone: set up .venv, build the digits data (shards, sentencepiece, VQ, codes,
-# vocabulary, caption preference pairs), then pretrain the debug preset on it with the real launcher. (The
-# end-to-end CCA demo with sampling and evaluation replaces the last part with the generation work.) 2 min 54 s on
-# a 2-vCPU machine; the README's Quick start gives the conditions.
+# The main job, from a clean clone: the CCA result in miniature on the handwritten digits, on a 2-core CPU.
+# setup .venv -> digit shards (shift-augmented) -> sentencepiece -> VQ tokenizer -> code shards -> pretrain a
+# unified model (class->image, caption->image, image->caption) -> pick the base by held-out loss -> sample
+# without guidance and with CFG -> CCA -> the matched MLE control -> DPO on captions -> results.json/.md, sample
+# grid, trade-off plot. The pipeline after the data is megacca/demo.py.
 set -euo pipefail
-case "${1:-}" in -h|--help) cat <<'EOF'
-usage: bash launch/demo.sh [KEY=VALUE ...]
+usage() { cat <<'EOF'
+usage: bash launch/demo.sh [--out DIR] [--seeds N] [--quick]
 
-The main job from a clean clone: set up .venv (launch/setup_env.sh), build the digits data
-(launch/prepare_digits.sh; each step skipped when its output exists), pretrain the debug preset on it with
-launch/pretrain.sh, print a summary. KEY=VALUE overrides go to the pretraining (see megacca train --help).
-Environment: DATA (default data/digits), RUN (default runs/demo; removed first).
+The CCA result in miniature, end to end on scikit-learn's handwritten digits (no download), on a CPU:
+  data       digit shards with shift-conditioned augmentation, sentencepiece on the captions, a VQ
+             tokenizer, code shards, the unified vocabulary, caption preference pairs
+             (launch/prepare_digits.sh; each step skipped when its output exists)
+  pretrain   the `digits` preset (1M parameters) on class->image, caption->image, image->caption;
+             the checkpoint with the lowest held-out loss is the base (early stopping)
+  evaluate   1,000 samples per row, judged by a classifier trained on the real training digits:
+             conditional accuracy, Frechet distance to held-out digits, diversity
+  align      CCA (no guidance needed afterwards), the matched MLE control, DPO on image->caption
+Writes DIR/results.json, DIR/results.md, DIR/samples_<entry>.npz, DIR/samples.png, DIR/tradeoff.png and
+the runs DIR/{pretrain,cca,finetune_mle,dpo} (other seeds: DIR/seed<N>/). About 10 minutes on 2 CPU cores (per seed after the first: ~6).
+
+options:
+  --out DIR    output directory (default runs/demo; its runs/ are replaced)
+  --seeds N    train and evaluate seeds 0..N-1; results.md adds mean +- sd of the headline rows
+  --quick      tiny step and sample counts: checks the pipeline in about two minutes (figures meaningless)
+Environment: DATA (default data/digits).
 EOF
-  exit 0 ;;
+}
+OUT=runs/demo
+ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --out) [ $# -ge 2 ] || { echo "demo.sh: error: --out needs a directory" >&2; exit 2; }; OUT="$2"; shift 2 ;;
+    --out=*) OUT="${1#--out=}"; shift ;;
+    --seeds) [ $# -ge 2 ] || { echo "demo.sh: error: --seeds needs a number" >&2; exit 2; }
+             ARGS+=(--seeds "$2"); shift 2 ;;
+    --seeds=*) ARGS+=(--seeds "${1#--seeds=}"); shift ;;
+    --quick) ARGS+=(--quick); shift ;;
+    *) echo "demo.sh: error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "${ARGS[*]:-}" in *--seeds\ *) n="${ARGS[*]#*--seeds }"; n="${n%% *}"
+  [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "demo.sh: error: --seeds must be a positive integer, got '$n'" >&2; exit 2; } ;;
 esac
+STARTED=$(date +%s.%N)
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash launch/setup_env.sh
 PY=.venv/bin/python
 DATA="${DATA:-data/digits}"
-RUN="${RUN:-runs/demo}"
 bash launch/prepare_digits.sh "$DATA"
-printf '\n== pretraining (debug preset, 2D rotary, class->image, caption->image and image->caption mixed 2:2:1)\n'
-rm -rf "$RUN"
-bash launch/pretrain.sh configs/pretrain/digits.yaml "data.vocab=$DATA/vocab.json" \
-  "data.sources[0].path=$DATA/codes" "data.sources[1].path=$DATA/codes" "data.sources[2].path=$DATA/codes" \
-  "train.run_dir=$RUN" \
-  train.log_every=50 train.progress_bar=off "$@"
-"$PY" - "$DATA" "$RUN" <<'PYEOF'
-import json, sys
-from pathlib import Path
-data, run = Path(sys.argv[1]), Path(sys.argv[2])
-vq = json.loads((data / "vq" / "train_report.json").read_text())
-m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-print("\n== demo summary")
-print(f"VQ tokenizer: held-out reconstruction MSE {vq['recon_mse']:.5f}, "
-      f"codebook usage {vq['codebook_usage']:.3f}")
-print(f"pretraining: {len(m)} steps, loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}, "
-      f"last step {m[-1]['tokens_per_s']:,.0f} tokens/s")
-print(f"run directory: {run} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
-PYEOF
+exec "$PY" -m megacca.demo --data "$DATA" --out "$OUT" --started "$STARTED" ${ARGS[@]+"${ARGS[@]}"}
