@@ -278,7 +278,7 @@ def load_full_state_dict(model, state_dict: dict[str, torch.Tensor], where: str 
 
 # The model fields a checkpoint's weights must agree with (vocab_size: the unpadded unified vocabulary).
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-               "vocab_size", "rope", "image_grid")
+               "vocab_size", "rope", "image_grid", "layout")
 
 
 def check_init_from(cfg) -> None:

@@ -1,4 +1,4 @@
-"""`megacca` command line: train, config (print the resolved config), bench.
+"""`megacca` command line: train, config (print the resolved config), sample, eval, sweep, bench.
 
 A user's mistake (a bad config key, a missing data path, a vocabulary that does not fit the shards, a corrupt
 shard under `data.on_error=raise`) ends as one line on stderr and exit code 2, in the launcher process and in
@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from megacca.config import ConfigError, load_config, to_dict
 
@@ -60,9 +61,35 @@ examples:
   WORLD_SIZE=8 megacca config configs/pretrain/llamagen_b_c2i.yaml parallel.tp=2
 """
 
+SAMPLE_EPILOG = """\
+CKPT is a run directory (its latest checkpoint) or one checkpoint directory, of either engine, saved at any
+tp / pp / ZeRO layout; it is loaded into this one process (megacca.load). Each image is the prompt
+<bos> <class_N> <boi> (--class) or <bos> caption-pieces <boi> (--prompt) followed by exactly HxW sampled
+image codes. Guidance-free by default; --cfg-scale S > 1 samples uncond + S*(cond - uncond), the
+unconditional prompt being <bos> <null> <boi>. The codes are decoded by the run's VQ tokenizer, found from
+the shard manifests its config names or given with --vq DIR, and checked against the vocabulary's vq_sha256.
+The grid has ceil(sqrt(K)) columns (--cols), images in sampling order.
+
+examples:
+  megacca sample runs/demo --class 7 --num-images 16 --out seven.png                # guidance-free
+  megacca sample runs/demo --class 7 --cfg-scale 3 --seed 1 --out seven_cfg.png     # classifier-free guidance
+  megacca sample runs/demo --prompt "the digit 7" --out t2i.png                      # caption -> image
+  megacca sample runs/cca_digits/checkpoints/step_00000100 --class 3 --vq data/digits/vq --out three.png
+
+exit status: 0 written, 2 a usage error (a missing checkpoint or VQ tokenizer, a class index out of range, a
+text prompt for a run without a text model), other: a crash (traceback).
+"""
+
 BENCH = {"train": "tokens/s of training steps next to a plain-PyTorch loop of the same model",
          "align": "a CCA step (reference model / precomputed) next to a pretraining step over the same sequences",
-         "data": "can the streaming loader (and the VQ encoder) feed training?"}
+         "data": "can the streaming loader (and the VQ encoder) feed training?",
+         "sample": "tokens/s of guidance-free sampling next to CFG, and KV cache next to recomputation"}
+
+# Commands whose options belong to another module: `megacca NAME ARGS...` runs `MODULE.main(ARGS)`.
+DELEGATED = {"eval": ("megacca.evaluation.cli", "evaluate samples: digits (judge accuracy, FD, diversity), "
+                                                "captions, ADM .npz, held-out loss (megacca eval --help)"),
+             "sweep": ("megacca.evaluation.sweep", "CFG-scale and CCA-lambda sweeps: a table and a "
+                                                   "fidelity/diversity plot (megacca sweep --help)")}
 
 
 class UsageError(Exception):
@@ -91,8 +118,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     ap = _Parser(prog="megacca", formatter_class=fmt, epilog=DOCS,
-                 description="Pretraining of unified text/image-token autoregressive transformers "
-                             "(megatron-core + DeepSpeed).")
+                 description="Pretraining, alignment (CCA, DPO), sampling and evaluation of unified "
+                             "text/image-token autoregressive transformers (megatron-core + DeepSpeed).")
     sub = ap.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True,
                             parser_class=_Parser)
     for name, summary, epilog in (("train", "train the model the config describes", TRAIN_EPILOG),
@@ -100,15 +127,84 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=fmt)
         p.add_argument("config", metavar="CONFIG.yaml", help="YAML file mirroring the config tree")
         p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", default=[], help="dotted overrides (see below)")
+    _add_sample_parser(sub, fmt)
+    for name, (_, summary) in DELEGATED.items():  # listed here; main() hands their arguments over unparsed
+        d = sub.add_parser(name, help=summary, description=summary, add_help=False)
+        d.add_argument("args", nargs=argparse.REMAINDER, metavar="...")
     bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCH)}",
                            description="Benchmarks; each has its own options: megacca bench WHICH --help",
                            formatter_class=fmt,
                            epilog="benchmarks:\n" + "".join(f"  {k:<6} {v}\n" for k, v in BENCH.items())
                            + "\nexamples:\n  megacca bench train --presets debug,small --steps 10\n"
-                             "  megacca bench data --vq data/digits/vq\n")
+                             "  megacca bench data --vq data/digits/vq\n  megacca bench sample --presets debug\n")
     bench.add_argument("which", choices=list(BENCH), nargs="?", metavar="WHICH", help=" | ".join(BENCH))
     bench.add_argument("args", nargs=argparse.REMAINDER, metavar="...", help="options of that benchmark")
     return ap
+
+
+def _add_sample_parser(sub, fmt) -> None:
+    summary = "sample images from a checkpoint and write them as a PNG grid"
+    p = sub.add_parser("sample", help=summary, description=summary, epilog=SAMPLE_EPILOG, formatter_class=fmt)
+    p.add_argument("checkpoint", metavar="CKPT", help="run directory or checkpoint directory")
+    cond = p.add_mutually_exclusive_group(required=True)
+    cond.add_argument("--class", dest="class_index", type=int, metavar="N", help="class index, 0 .. classes-1")
+    cond.add_argument("--prompt", metavar="TEXT", help="a caption (needs the run's text model)")
+    p.add_argument("--out", required=True, metavar="grid.png", help="PNG file to write (atomically)")
+    p.add_argument("--num-images", type=int, default=16, metavar="K", help="images to sample (default: %(default)s)")
+    p.add_argument("--cfg-scale", type=float, default=None, metavar="S",
+                   help="classifier-free guidance scale (default: none, guidance-free)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("A", "B"),
+                   help="guide only image positions i with A <= i/(H*W) < B")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0: greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely codes")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--vq", metavar="DIR", help="VQ tokenizer directory (default: the one the run's shards name)")
+    p.add_argument("--cols", type=int, default=None, help="grid columns (default: ceil(sqrt(K)))")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+
+
+def _sample(args) -> int:
+    """`megacca sample`: load, sample, decode, write the grid; user errors raise UsageError (or the loader's)."""
+    checks = [(args.num_images >= 1, "--num-images must be >= 1"), (args.temperature >= 0, "--temperature must be >= 0"),
+              (args.top_k is None or args.top_k >= 1, "--top-k must be >= 1"),
+              (args.top_p is None or 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+              (args.cfg_scale is None or args.cfg_scale >= 0, "--cfg-scale must be >= 0"),
+              (args.batch_size >= 1, "--batch-size must be >= 1"), (args.cols is None or args.cols >= 1, "--cols must be >= 1"),
+              (args.cfg_interval is None or 0 <= args.cfg_interval[0] < args.cfg_interval[1] <= 1,
+               "--cfg-interval A B needs 0 <= A < B <= 1")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    _setup_logging()
+    _hide_known_harmless_warnings()
+    import torch
+
+    from megacca.inference import load, write_image_grid
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m = load(args.checkpoint, vq=args.vq, device=device)
+    try:
+        try:
+            prompt = m.class_prompt(args.class_index) if args.prompt is None else m.text_prompt(args.prompt)
+        except ValueError as e:
+            which = f"--class {args.class_index}" if args.prompt is None else "--prompt"
+            raise UsageError(f"{which}: {e}") from None
+        m.vq_dir  # noqa: B018 - find (and check) the decoder before spending time on sampling
+        codes, tokens_per_s = m.sample_images([prompt] * args.num_images, cfg_scale=args.cfg_scale, seed=args.seed,
+                                              batch_size=args.batch_size, temperature=args.temperature,
+                                              top_k=args.top_k, top_p=args.top_p,
+                                              cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None)
+        images = m.decode_images(codes)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        width, height = write_image_grid(args.out, images, args.cols)
+    finally:
+        m.close()
+    guidance = f"CFG scale {args.cfg_scale:g}" if args.cfg_scale not in (None, 1.0) else "guidance-free"
+    print(f"megacca sample: wrote {args.out} ({width}x{height} px: {args.num_images} images of "
+          f"{images.shape[2]}x{images.shape[3]}, {guidance}, {tokens_per_s:,.0f} tokens/s)", flush=True)
+    return 0
 
 
 def _setup_logging() -> None:
@@ -217,7 +313,11 @@ def _user_errors() -> tuple[type, ...]:
     from megacca.safe_load import UnsafeCheckpointError
     from megacca.tokenizer.vocab import VocabMismatchError
 
-    return BadSample, ShardManifestError, UnsafeCheckpointError, VocabMismatchError
+    from megacca.checkpoint import CheckpointNotFound
+    from megacca.inference import VQNotFound
+
+    return (BadSample, ShardManifestError, UnsafeCheckpointError, VocabMismatchError, CheckpointNotFound,
+            VQNotFound, UsageError)
 
 
 def _train_or_config(args, argv: list[str]) -> int:
@@ -269,21 +369,39 @@ def preflight(cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    if argv and argv[0] in DELEGATED:  # their own parser answers --help and names their mistakes
+        return _guarded(lambda: _delegate(argv[0], argv[1:]))
     ap = build_parser()
     args = ap.parse_args(argv)  # --help exits 0, a usage mistake exits 2
     if args.command == "bench":
         if args.which is None:
             ap.exit(2, f"megacca bench: error: name a benchmark: {', '.join(BENCH)} (see megacca bench --help)\n")
         _setup_logging()
+        _hide_known_harmless_warnings()
         if args.which == "train":
             from megacca.bench.train import main as bench_main
         elif args.which == "align":
             from megacca.bench.align import main as bench_main
+        elif args.which == "sample":
+            from megacca.bench.sample import main as bench_main
         else:
             from megacca.bench.data import main as bench_main
         return bench_main(args.args) or 0
+    return _guarded(lambda: _sample(args) if args.command == "sample" else _train_or_config(args, argv))
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    import importlib
+
+    _setup_logging()
+    _hide_known_harmless_warnings()
+    return importlib.import_module(DELEGATED[command][0]).main(argv) or 0
+
+
+def _guarded(work) -> int:
+    """`work()`'s exit code; a user's error (a config key, a missing file, bad data) is one line and code 2."""
     try:
-        return _train_or_config(args, argv)
+        return work()
     except ConfigError as e:
         print(f"megacca: config error: {e}", file=sys.stderr, flush=True)
         return _leave(2)

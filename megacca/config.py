@@ -58,6 +58,23 @@ class ModelConfig:
     """Codes per image side (for 2d rope): a `<boi>` token is followed by image_grid**2 codes."""
     boi_token_id: int = 3
     """Id of `<boi>` in the unified vocabulary (where 2d rope starts a grid)."""
+    image_token_offset: Optional[int] = None
+    """First image-code id of the unified vocabulary (codes are `[image_token_offset, image_token_offset +
+    codebook_size)`); taken from `data.vocab`. Needed by `layout: llamagen` and `logprob_norm: codebook`."""
+    codebook_size: Optional[int] = None
+    """Number of image codes in the unified vocabulary; taken from `data.vocab` (see image_token_offset)."""
+    layout: Literal["unified", "llamagen"] = "unified"
+    """Sequence layout. `unified`: megacca's (`<bos> <class> <boi> codes <eoi> <eos>` for class→image, and
+    every other task). `llamagen`: exactly LlamaGen's class-conditional GPT, so its checkpoints convert
+    losslessly (tools/convert_checkpoint.py from-llamagen): a sample is `[class or <null>] codes` with no
+    `<bos>` / `<boi>` / `<eoi>` / `<eos>`; every non-code token is a condition whose query and key are zero in
+    every layer (LlamaGen's rotary table has all-zero rows there); the codes after it get 2D rotary with the
+    grid at (0, 0). Class→image data only (`task: c2i`); needs `rope: 2d` and `logprob_norm: codebook`."""
+    logprob_norm: Literal["vocab", "codebook"] = "vocab"
+    """What the log-probs (the loss, the alignment stages' sequence log-probs) of a position are normalised
+    over. `vocab`: the whole padded vocabulary. `codebook`: a position whose label is an image code is
+    normalised over the image codes only (the other logits are masked out, as if the head covered only the
+    codebook, like LlamaGen's); other positions keep the whole vocabulary."""
     norm_epsilon: float = 1e-5
     """RMSNorm epsilon."""
     init_method_std: float = 0.02
@@ -448,6 +465,8 @@ def resolve_vocab(cfg: Config) -> None:
         raise ConfigError("data.vocab", str(e)) from None
     cfg.model.vocab_size = manifest["vocab_size"]
     cfg.model.boi_token_id = manifest["specials"]["<boi>"]
+    cfg.model.image_token_offset = manifest["image_offset"]
+    cfg.model.codebook_size = manifest["codebook_size"]
     grid = manifest["image_grid"]
     if grid:
         if grid[0] != grid[1] and cfg.model.rope == "2d":
@@ -483,6 +502,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.num_query_groups", f"num_attention_heads={m.num_attention_heads} is not divisible by {groups}")
     if m.rope == "2d" and (m.hidden_size // m.num_attention_heads) % 4:
         raise ConfigError("model.rope", "2d rope needs a head dim divisible by 4")
+    validate_layout(cfg)
     if m.num_attention_heads % par.tp:
         raise ConfigError("parallel.tp", f"num_attention_heads={m.num_attention_heads} is not divisible by tp={par.tp}")
     if groups % par.tp:
@@ -538,6 +558,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.cond_dropout", "must be in [0, 1]")
     if cfg.stage != "pretrain":
         validate_align(cfg)
+
+
+def validate_layout(cfg: Config) -> None:
+    """`model.layout` and `model.logprob_norm` against the rest of the config."""
+    m = cfg.model
+    needs_codes = [k for k, on in (("model.layout", m.layout == "llamagen"),
+                                    ("model.logprob_norm", m.logprob_norm == "codebook")) if on]
+    if needs_codes and (m.image_token_offset is None or m.codebook_size is None):
+        raise ConfigError(needs_codes[0], "needs the image-code ids: set data.vocab (or model.image_token_offset "
+                                          "and model.codebook_size)")
+    if m.image_token_offset is not None and m.codebook_size is not None and (
+            m.image_token_offset < 0 or m.codebook_size < 1 or m.image_token_offset + m.codebook_size > m.vocab_size):
+        raise ConfigError("model.codebook_size", f"image codes [{m.image_token_offset}, "
+                                                 f"{m.image_token_offset + m.codebook_size}) do not fit the "
+                                                 f"vocabulary of {m.vocab_size}")
+    if m.layout != "llamagen":
+        return
+    if m.rope != "2d":
+        raise ConfigError("model.layout", "llamagen needs model.rope=2d (LlamaGen's 2D rotary)")
+    if m.logprob_norm != "codebook":
+        raise ConfigError("model.logprob_norm", "model.layout=llamagen needs codebook (LlamaGen's head covers the "
+                                                "image codebook only)")
+    if m.seq_length < m.image_grid ** 2:
+        raise ConfigError("model.seq_length", f"{m.seq_length} is shorter than a llamagen sample: the condition "
+                                              f"and {m.image_grid}x{m.image_grid} codes need seq_length >= "
+                                              f"{m.image_grid ** 2}")
+    if cfg.data.kind != "webdataset":
+        raise ConfigError("data.kind", "model.layout=llamagen reads class->image code shards: set kind=webdataset")
+    precomputed = cfg.stage == "cca" and cfg.align.reference == "precomputed"  # ref_pairs shards (task auto)
+    for i, s in enumerate(cfg.data.sources):
+        if s.task != "c2i" and not (precomputed and s.task == "auto"):
+            raise ConfigError(f"data.sources[{i}].task", f"model.layout=llamagen reads class->image samples only: "
+                                                         f"set task=c2i (got {s.task})")
 
 
 def validate_align(cfg: Config) -> None:

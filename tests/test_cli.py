@@ -26,6 +26,13 @@ CFG = "configs/pretrain/digits.yaml"
     (["bench", "--help"], ["usage: megacca bench", "train", "data", "examples"]),
     (["bench", "train", "--help"], ["usage: megacca bench train", "--presets", "examples"]),
     (["bench", "data", "--help"], ["usage: megacca bench data", "--shards", "examples"]),
+    (["--help"], ["sample", "eval", "sweep"]),
+    (["sample", "--help"], ["usage: megacca sample", "CKPT", "--class", "--prompt", "--cfg-scale", "--num-images",
+                            "--seed", "--vq", "--out", "vq_sha256", "examples", "exit status"]),
+    (["bench", "sample", "--help"], ["usage: megacca bench sample", "--presets", "--images", "random weights",
+                                     "examples"]),
+    (["eval", "--help"], ["usage: megacca eval"]),
+    (["sweep", "--help"], ["usage: megacca sweep"]),
 ])
 def test_help_exits_0_and_explains(capsys, argv, must):
     with pytest.raises(SystemExit) as e:
@@ -38,7 +45,11 @@ def test_help_exits_0_and_explains(capsys, argv, must):
 
 
 @pytest.mark.parametrize("argv,words", [([], ["COMMAND"]), (["trian"], ["invalid choice", "trian"]),
-                                        (["train"], ["CONFIG.yaml"]), (["bench"], ["name a benchmark", "train"])])
+                                        (["train"], ["CONFIG.yaml"]), (["bench"], ["name a benchmark", "train"]),
+                                        (["sample", "runs/x", "--out", "g.png"], ["--class", "--prompt"]),
+                                        (["sample", "runs/x", "--class", "1", "--prompt", "a", "--out", "g.png"],
+                                         ["not allowed with"]),
+                                        (["sample", "runs/x", "--class", "one", "--out", "g.png"], ["--class"])])
 def test_usage_mistakes_are_one_line_exit_2(capsys, argv, words):
     with pytest.raises(SystemExit) as e:
         main(argv)

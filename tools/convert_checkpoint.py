@@ -1,4 +1,4 @@
-"""Convert megacca checkpoints: to and from Hugging Face, to another parallel layout, into one file.
+"""Convert megacca checkpoints: to and from Hugging Face and LlamaGen, to another parallel layout, into one file.
 
     python tools/convert_checkpoint.py SUBCOMMAND --help
 
@@ -27,12 +27,16 @@ from megacca.cli import _Parser, run_tool  # noqa: E402  (one-line usage errors,
 
 PROG = "convert_checkpoint.py"
 # Modules whose `add_commands` add subcommands, in the order --help lists them.
-SUBCOMMAND_MODULES = ("megacca.convert.hf", "megacca.convert.reshard", "megacca.convert.consolidate")
+SUBCOMMAND_MODULES = ("megacca.convert.hf", "megacca.convert.llamagen", "megacca.convert.reshard",
+                      "megacca.convert.consolidate")
 
 EPILOG = """\
 examples:
   python tools/convert_checkpoint.py to-hf --src runs/text1d --dst exports/text1d-hf
   python tools/convert_checkpoint.py from-hf --src Llama-2-7b-hf --dst ckpts/llama2 --add-image-codebook 16384
+  python tools/convert_checkpoint.py from-llamagen --gpt c2i_L_384.pt --vq vq_ds16_c2i.pt --image-grid 24 \
+      --classes-from data/imagenet384/images --dst ckpts/llamagen_l_384
+  python tools/convert_checkpoint.py to-llamagen --src runs/llamagen_l_c2i --dst c2i_L_384_cca.pt
   python tools/convert_checkpoint.py reshard --src runs/x --dst runs/x-tp1 --tp 1 --pp 1
   python tools/convert_checkpoint.py consolidate --src runs/x --dst x.safetensors
 

@@ -152,7 +152,7 @@ def run(config: str, overrides: list[str], out: Optional[str] = None, split: Opt
               "micro_batch_size": cfg.train.micro_batch_size, "seq_length": m.seq_length}
     errors: Counter = Counter()
     epoch = alignment_epoch(d, cfg.align, cfg.stage, vocab, m.seq_length, cfg.train.micro_batch_size,
-                            cfg.train.seed, split, errors)
+                            cfg.train.seed, split, errors, m.layout)
     first = next(epoch, None)  # reads the first shard: bad data there fails before the model loads
     if first is None:
         raise UsageError(f"no usable samples in data.sources (skipped: {dict(errors)})")

@@ -26,9 +26,10 @@ from megacca.convert import ConversionError
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-def read_tensor_file(path: str | Path, trust_pickle: bool = False):
+def read_tensor_file(path: str | Path, trust_pickle: bool = False, allowed: tuple = ()):
     """The object in a weights file: a dict of tensors for `.safetensors`, whatever the pickle holds otherwise
-    (usually a state dict, or a dict around one)."""
+    (usually a state dict, or a dict around one). `allowed`: classes a pickle may name beyond torch's safe set
+    (LlamaGen's training checkpoints hold their `argparse.Namespace` of arguments)."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
@@ -47,7 +48,7 @@ def read_tensor_file(path: str | Path, trust_pickle: bool = False):
         return torch.load(path, map_location="cpu", weights_only=False)
     from megacca.safe_load import UnsafeCheckpointError, only_safe_globals
 
-    with only_safe_globals():
+    with only_safe_globals(allowed):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:

@@ -67,7 +67,8 @@ def write_model_checkpoint(dst: str | Path, cfg: Config, state_dict: dict[str, t
                            vocab: Optional[dict] = None, step: int = 0, converted_from: Optional[dict] = None,
                            files: Optional[dict[str, Path]] = None, where: str = "converted state dict") -> Path:
     """Write `state_dict` (canonical names, tp = 1) as the model-only checkpoint `dst` (see module docstring).
-    `files`: extra files copied into the checkpoint, by name (the text model beside `vocab.json`)."""
+    `files`: extra files copied into the checkpoint, by relative path (the text model beside `vocab.json`, a
+    VQ tokenizer under `vq/`)."""
     from megacca.checkpoint import save_model_weights
 
     with staged_dir(dst) as tmp:
@@ -80,5 +81,6 @@ def write_model_checkpoint(dst: str | Path, cfg: Config, state_dict: dict[str, t
         if vocab is not None:
             atomic_write_json(tmp / "vocab.json", vocab)
         for name, src in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / name)
     return Path(dst)

@@ -12,6 +12,8 @@ under the condition of row ``perm[i]`` (`negative_permutation`: the reference im
 ``torch.roll(c, shifts=-1)``, or a seeded derangement); a seeded share ``uncond_ratio`` of rows gets ``<null>``
 in both slots; such rows, rows whose negative condition is token-for-token their own, and (optionally) rows
 whose partner has the same integer label are positive-like (`cca_pairs`). Only the H*W code labels are scored.
+With ``model.layout: llamagen`` a sample is ``<class> codes`` (`megacca.data.packing.llamagen_c2i_tokens`): the
+condition is its first token, the image the codes, and a row is ``cond codes`` (``layout="llamagen"``).
 
 DPO: ``<bos> [<boi> prompt-codes <eoi>] [prompt-pieces <sep>] response-pieces <eos>`` per side; the response
 pieces and ``<eos>`` are scored (`dpo_pair`).
@@ -57,21 +59,33 @@ class Pair(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------
 # CCA
 # ---------------------------------------------------------------------------------------------------------
-def split_condition(vocab, sample: tuple, label: Optional[int] = None) -> CondImage:
-    """A tokenized c2i / t2i sample (`c2i_tokens` / `t2i_tokens` layout) → its condition and image part."""
+def split_condition(vocab, sample: tuple, label: Optional[int] = None, layout: str = "unified") -> CondImage:
+    """A tokenized c2i / t2i sample (`c2i_tokens` / `t2i_tokens` layout, or `llamagen_c2i_tokens` with
+    ``layout="llamagen"``) → its condition and image part."""
     ids = np.asarray(sample[0])
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+        label = None
+    label = None if label is None else int(label)
+    if layout == "llamagen":
+        if len(ids) < 2 or vocab.is_image(ids[0]) or not all(vocab.is_image(i) for i in ids[1:]):
+            raise ValueError(f"not a llamagen-layout sample (cond codes): {ids.tolist()[:12]}")
+        return CondImage(ids[:1].astype(np.int32), ids[1:].astype(np.int32), label)
     boi = np.flatnonzero(ids == vocab.boi_id)
     if len(ids) < 5 or ids[0] != vocab.bos_id or not len(boi) or ids[-2] != vocab.eoi_id or ids[-1] != vocab.eos_id:
         raise ValueError(f"not a condition -> image sample (<bos> cond <boi> codes <eoi> <eos>): {ids.tolist()[:12]}")
     j = int(boi[0])
-    if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-        label = None
-    return CondImage(ids[1:j].astype(np.int32), ids[j:].astype(np.int32), None if label is None else int(label))
+    return CondImage(ids[1:j].astype(np.int32), ids[j:].astype(np.int32), label)
 
 
-def cca_row(vocab, cond: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def cca_row(vocab, cond: np.ndarray, image: np.ndarray, layout: str = "unified") -> tuple[np.ndarray, np.ndarray]:
     """``<bos> cond <boi> codes <eoi> <eos>`` with the H*W codes as the only targets (not ``<eoi>``: CCA's
-    sequence log-prob is the image's, as in the reference implementation)."""
+    sequence log-prob is the image's, as in the reference implementation); ``cond codes`` with the codes as
+    targets for ``layout="llamagen"``."""
+    if layout == "llamagen":
+        ids = np.concatenate([np.asarray(cond, np.int32), np.asarray(image, np.int32)])
+        tgt = np.zeros(len(ids), np.uint8)
+        tgt[len(cond):] = 1
+        return ids, tgt
     ids = np.concatenate([np.array([vocab.bos_id], np.int32), np.asarray(cond, np.int32),
                           np.asarray(image, np.int32)])
     tgt = np.zeros(len(ids), np.uint8)
@@ -99,9 +113,9 @@ def negative_permutation(n: int, negatives: str, rng: np.random.Generator) -> np
 
 
 def cca_pairs(vocab, items: Sequence[CondImage], *, negatives: str, uncond_ratio: float,
-              same_label_positive: bool, rng: np.random.Generator) -> list[Pair]:
+              same_label_positive: bool, rng: np.random.Generator, layout: str = "unified") -> list[Pair]:
     """The B pairs of one micro-batch of condition → image samples (draws: the permutation, then one uniform
-    per row for the ``<null>`` choice; all from ``rng``)."""
+    per row for the ``<null>`` choice; all from ``rng``); rows in ``layout`` (`cca_row`)."""
     n = len(items)
     perm = negative_permutation(n, negatives, rng)
     uncond = rng.random(n) < uncond_ratio
@@ -116,7 +130,8 @@ def cca_pairs(vocab, items: Sequence[CondImage], *, negatives: str, uncond_ratio
             pos_cond, neg_cond = it.cond, other.cond
             pos_like = bool(np.array_equal(pos_cond, neg_cond)) or bool(
                 same_label_positive and it.label is not None and it.label == other.label)
-        out.append(Pair(cca_row(vocab, pos_cond, it.image), cca_row(vocab, neg_cond, it.image), pos_like))
+        out.append(Pair(cca_row(vocab, pos_cond, it.image, layout), cca_row(vocab, neg_cond, it.image, layout),
+                        pos_like))
     return out
 
 

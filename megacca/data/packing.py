@@ -11,9 +11,14 @@ Layouts (``<c>`` the condition; a ``cond_dropout`` share of c2i/t2i samples get 
 
 - c2i:  ``<bos> <class_k> <boi> codes <eoi> <eos>``   targets: codes, ``<eoi>``
 - t2i:  ``<bos> caption <boi> codes <eoi> <eos>``     targets: codes, ``<eoi>``
+  (an augmented copy: its augmentation's pieces follow the condition, ``<null>`` included)
 - i2t:  ``<bos> <boi> codes <eoi> caption <eos>``     targets: caption pieces, ``<eos>``
 - text: ``<bos> pieces <eos>``                        targets: everything after ``<bos>``
 - interleaved: ``<bos> segment... <eos>``, each image ``<boi> codes <eoi>``; targets: text pieces
+
+With ``model.layout: llamagen`` (LlamaGen's class-conditional GPT) c2i is the only task:
+
+- c2i:  ``<class_k> codes``                           targets: codes
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "BadSample", "c2i_tokens", "t2i_tokens", "i2t_tokens", "text_tokens", "interleaved_tokens",
+    "BadSample", "c2i_tokens", "llamagen_c2i_tokens", "t2i_tokens", "i2t_tokens", "text_tokens", "interleaved_tokens",
     "fit_sample", "pack", "rows_to_batch",
 ]
 
@@ -61,14 +66,24 @@ def _image(vocab, codes) -> list[int]:
         raise BadSample(f"bad image codes: {e}", "bad_codes") from None
 
 
-def c2i_tokens(vocab, label: int, codes, drop: bool) -> TokenSample:
-    cond = [vocab.null_id] if drop else [vocab.class_token(label)]
+def c2i_tokens(vocab, label: int, codes, drop: bool, aug: Sequence[int] = ()) -> TokenSample:
+    """``aug``: the pieces of an augmented copy's augmentation, kept after the condition even when it is
+    dropped (docs/data-format.md, "Augmented samples")."""
+    cond = ([vocab.null_id] if drop else [vocab.class_token(label)]) + list(aug)
     return _sample([([vocab.bos_id], 0), (cond, 0), ([vocab.boi_id], 0), (_image(vocab, codes), 1),
                     ([vocab.eoi_id], 1), ([vocab.eos_id], 0)])
 
 
-def t2i_tokens(vocab, caption_ids: Sequence[int], codes, drop: bool) -> TokenSample:
-    cond = [vocab.null_id] if drop else list(caption_ids)
+def llamagen_c2i_tokens(vocab, label: int, codes, drop: bool) -> TokenSample:
+    """The LlamaGen layout's class→image sample: the condition, then the codes, every code a target (LlamaGen
+    predicts the first code from the condition and scores no end token)."""
+    cond = [vocab.null_id] if drop else [vocab.class_token(label)]
+    return _sample([(cond, 0), (_image(vocab, codes), 1)])
+
+
+def t2i_tokens(vocab, caption_ids: Sequence[int], codes, drop: bool, aug: Sequence[int] = ()) -> TokenSample:
+    """``aug`` as in `c2i_tokens`."""
+    cond = ([vocab.null_id] if drop else list(caption_ids)) + list(aug)
     return _sample([([vocab.bos_id], 0), (cond, 0), ([vocab.boi_id], 0), (_image(vocab, codes), 1),
                     ([vocab.eoi_id], 1), ([vocab.eos_id], 0)])
 

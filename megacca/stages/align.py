@@ -94,7 +94,7 @@ def build_data(cfg: Config, dp_rank: int, dp_size: int):
     d = cfg.data
     vocab = UnifiedVocab.load(d.vocab, text_model=d.text_model)
     return build_alignment_source(d, cfg.align, cfg.stage, vocab, cfg.model.seq_length, cfg.train.micro_batch_size,
-                                  dp_rank, dp_size, cfg.train.seed)
+                                  dp_rank, dp_size, cfg.train.seed, cfg.model.layout)
 
 
 def run(cfg: Config) -> list[dict]:

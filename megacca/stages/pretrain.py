@@ -39,7 +39,7 @@ def build_data(cfg: Config, dp_rank: int, dp_size: int):
     from megacca.tokenizer.vocab import UnifiedVocab
 
     vocab = UnifiedVocab.load(d.vocab, text_model=d.text_model)
-    return build_webdataset_source(d, vocab, m.seq_length, tr.micro_batch_size, dp_rank, dp_size, seed)
+    return build_webdataset_source(d, vocab, m.seq_length, tr.micro_batch_size, dp_rank, dp_size, seed, m.layout)
 
 
 def run(cfg: Config) -> list[dict]:

@@ -13,6 +13,29 @@ from megacca.tokenizer.vq.model import USAGE_BUFFER_LEN, VQModel
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
+def unwrap_state_dict(obj, where, key: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The tensors of the state dict inside a loaded LlamaGen checkpoint: `obj[key]` if given, else
+    `obj["model"]` when present (LlamaGen's training checkpoints), else `obj` itself; `module.` / `_orig_mod.`
+    prefixes (DDP / torch.compile) stripped. ValueError / KeyError naming `where` for anything else."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a dict of tensors, got {type(obj).__name__}")
+    if key is not None:
+        if key not in obj:
+            raise KeyError(f"{where}: no {key!r} entry (has {sorted(obj)[:10]})")
+        obj = obj[key]
+    elif isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for p in _STRIP_PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+        sd[k] = v
+    return sd
+
+
 def read_llamagen_state_dict(path: Union[str, Path], key: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Read a LlamaGen-layout VQ state dict from `.safetensors` or a torch `.pt`/`.pth`/`.bin`.
 
@@ -31,22 +54,7 @@ def read_llamagen_state_dict(path: Union[str, Path], key: Optional[str] = None) 
     else:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    if key is not None:
-        if key not in obj:
-            raise KeyError(f"{path}: no {key!r} entry (has {sorted(obj)[:10]})")
-        obj = obj[key]
-    elif isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    sd = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        for p in _STRIP_PREFIXES:
-            if k.startswith(p):
-                k = k[len(p):]
-        sd[k] = v
+    sd = unwrap_state_dict(obj, path, key)
     if "quantize.embedding.weight" not in sd:
         raise ValueError(f"{path}: not a LlamaGen VQ state dict (no quantize.embedding.weight)")
     return sd
