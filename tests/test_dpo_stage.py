@@ -40,7 +40,7 @@ def base(tmp_path_factory):
          "bpe", "--out", str(d / "text")])
     UnifiedVocab.build(str(d / "text.model"), 16, (4, 4)).save(str(d / "vocab.json"))
     common = [f"data.vocab={d / 'vocab.json'}", f"data.text_model={d / 'text.model'}", "model.seq_length=32",
-              "train.tensorboard=false"]
+              "train.tensorboard=false", "model.preset=debug", "model.rope=2d"]  # figures measured on debug
     train(d / "base", *common, f"data.sources=[{{path: {d / 'texts'}, task: text}}]", "train.micro_batch_size=8",
           "train.max_steps=6", config="configs/pretrain/digits.yaml")
     return SimpleNamespace(run=d / "base", opts=[*common, f"data.sources=[{{path: {d / 'pairs'}}}]"])
