@@ -34,16 +34,14 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --out) [ $# -ge 2 ] || { echo "demo.sh: error: --out needs a directory" >&2; exit 2; }; OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#--out=}"; shift ;;
-    --seeds) [ $# -ge 2 ] || { echo "demo.sh: error: --seeds needs a number" >&2; exit 2; }
-             ARGS+=(--seeds "$2"); shift 2 ;;
-    --seeds=*) ARGS+=(--seeds "${1#--seeds=}"); shift ;;
+    --seeds|--seeds=*)
+      if [ "$1" = --seeds ]; then n="${2:-}"; shift $(( $# >= 2 ? 2 : 1 )); else n="${1#--seeds=}"; shift; fi
+      [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "demo.sh: error: --seeds must be a positive integer, got '$n'" >&2; exit 2; }
+      ARGS+=(--seeds "$n") ;;
     --quick) ARGS+=(--quick); shift ;;
     *) echo "demo.sh: error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-case "${ARGS[*]:-}" in *--seeds\ *) n="${ARGS[*]#*--seeds }"; n="${n%% *}"
-  [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "demo.sh: error: --seeds must be a positive integer, got '$n'" >&2; exit 2; } ;;
-esac
 STARTED=$(date +%s.%N)
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash launch/setup_env.sh
