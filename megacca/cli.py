@@ -65,9 +65,11 @@ SAMPLE_EPILOG = """\
 CKPT is a run directory (its latest checkpoint) or one checkpoint directory, of either engine, saved at any
 tp / pp / ZeRO layout; it is loaded into this one process (megacca.load). Each image is the prompt
 <bos> <class_N> <boi> (--class) or <bos> caption-pieces <boi> (--prompt) followed by exactly HxW sampled
-image codes. Guidance-free by default; --cfg-scale S > 1 samples uncond + S*(cond - uncond), the
-unconditional prompt being <bos> <null> <boi>. The codes are decoded by the run's VQ tokenizer, found from
-the shard manifests its config names or given with --vq DIR, and checked against the vocabulary's vq_sha256.
+image codes (a LlamaGen-layout model, model.layout=llamagen: <class_N> alone, then HxW codes). Guidance-free
+by default; --cfg-scale S > 1 samples uncond + S*(cond - uncond), the unconditional prompt being
+<bos> <null> <boi> (<null>). The codes are decoded by the run's VQ tokenizer, found in the checkpoint's vq/
+(from-llamagen --vq), from the shard manifests its config names, or given with --vq DIR, and checked against
+the vocabulary's vq_sha256.
 The grid has ceil(sqrt(K)) columns (--cols), images in sampling order.
 
 examples:

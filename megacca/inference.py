@@ -204,7 +204,8 @@ class InferenceModel:
                  seed: Optional[int] = None, cfg_interval: Optional[tuple[float, float]] = None) -> list[list[int]]:
         """The new ids of each prompt (megacca.generation.sampler.generate, KV cache, constraints on): a prompt
         ending in `<boi>` gets exactly H*W image codes and `<eoi>`; otherwise text until `<eos>` or
-        `max_new_tokens`. `temperature=0` is greedy; `cfg_scale` s > 1 samples u + s*(c - u) with `<null>` as
+        `max_new_tokens`. In the LlamaGen layout (`model.layout: llamagen`) a prompt is `[class]` (or `[<null>]`)
+        and gets exactly H*W codes. `temperature=0` is greedy; `cfg_scale` s > 1 samples u + s*(c - u) with `<null>` as
         the unconditional prompt, optionally only for image positions inside `cfg_interval`."""
         from megacca.generation.sampler import generate
 
@@ -216,9 +217,10 @@ class InferenceModel:
 
     def sample_images(self, prompts: Sequence[Sequence[int]], *, cfg_scale: Optional[float] = None,
                       seed: Optional[int] = None, batch_size: int = 256, **kw) -> tuple[np.ndarray, float]:
-        """Image codes int64 [N, h, w] for N prompts that each end in `<boi>`, and the generated tokens per
-        second (every new id, codes and `<eoi>`, over the wall time of generation). Batches of `batch_size`
-        prompts; batch i draws with seed `seed + i`, so a call is reproducible for a given batch size.
+        """Image codes int64 [N, h, w] for N prompts that each end in `<boi>` (in the LlamaGen layout: `[class]`),
+        and the generated tokens per second (every new id, codes and `<eoi>`, over the wall time of generation).
+        Batches of `batch_size` prompts; batch i draws with seed `seed + i`, so a call is reproducible for a
+        given batch size.
         `kw`: temperature, top_k, top_p, cfg_interval (as in `generate`)."""
         vocab = self._need_vocab()
         if vocab.image_grid is None:
@@ -226,7 +228,11 @@ class InferenceModel:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for n, p in enumerate(prompts):
-            if not p or int(p[-1]) != vocab.boi_id:
+            if self.cfg.model.layout == "llamagen":
+                if len(p) != 1 or vocab.is_image(int(p[0])):
+                    raise ValueError(f"prompt {n} is not one condition ([class] or [<null>], the LlamaGen layout's "
+                                     f"prompt); use class_prompt")
+            elif not p or int(p[-1]) != vocab.boi_id:
                 raise ValueError(f"prompt {n} does not end in <boi> (id {vocab.boi_id}); use class_prompt or "
                                  f"text_prompt")
         h, w = vocab.image_grid
@@ -244,12 +250,21 @@ class InferenceModel:
 
     # -- prompts ----------------------------------------------------------------------------------------
     def class_prompt(self, k: int) -> list[int]:
-        """`<bos> <class_k> <boi>`: the class→image prompt of class index k."""
+        """`<bos> <class_k> <boi>`: the class→image prompt of class index k (`[<class_k>]` in the LlamaGen
+        layout)."""
         v = self._need_vocab()
+        if self.cfg.model.layout == "llamagen":
+            return [v.class_token(k)]
         return [v.bos_id, v.class_token(k), v.boi_id]
+
+    def _unified_only(self, what: str) -> None:
+        if self.cfg.model.layout == "llamagen":
+            raise ValueError(f"{self.checkpoint}: a {what} prompt has no place in the LlamaGen layout "
+                             f"(model.layout=llamagen is class->image only); use class_prompt")
 
     def text_prompt(self, text: str) -> list[int]:
         """`<bos> pieces <boi>`: the caption→image prompt of `text`."""
+        self._unified_only("text")
         v = self._need_vocab()
         if v.text is None:
             reason = "its vocabulary has no text pieces" if v.text_size == 0 else self._text_note
@@ -258,13 +273,15 @@ class InferenceModel:
 
     def caption_prompt(self, codes) -> list[int]:
         """`<bos> <boi> codes <eoi>`: the image→caption prompt of one image's codes [h, w]."""
+        self._unified_only("caption")
         v = self._need_vocab()
         return [v.bos_id, v.boi_id, *v.image_tokens(np.asarray(codes)), v.eoi_id]
 
     # -- images -----------------------------------------------------------------------------------------
     @property
     def vq_dir(self) -> Path:
-        """The run's VQ tokenizer directory (found from the config's code shards, or the `vq=` given)."""
+        """The run's VQ tokenizer directory (the `vq=` given, else `vq/` in the checkpoint, the config's code
+        shards, or `vq/` in the checkpoint it started from: `_find_vq`)."""
         if self._vq_dir is None:
             self._vq_dir = _find_vq(self.cfg, self.checkpoint, self._need_vocab())
         return self._vq_dir
@@ -309,11 +326,18 @@ def _as_batch(input_ids) -> torch.Tensor:
 
 
 def _find_vq(cfg: Config, ckpt: Path, vocab: UnifiedVocab) -> Path:
-    """The VQ tokenizer the checkpoint's code shards were encoded with: the `vq` block (`path`, `sha256`) of
-    each data source's shard manifest, the first on disk whose weights are the vocabulary's `vq_sha256`."""
+    """The VQ tokenizer of the checkpoint's image codes, the first on disk whose weights are the vocabulary's
+    `vq_sha256`: `vq/` inside the checkpoint (`from-llamagen --vq` puts it there), the `vq` block (`path`,
+    `sha256`) of each data source's shard manifest, then `vq/` inside the checkpoint `train.init_from` names."""
     from megacca.data.shards import ShardManifestError, read_manifest
 
     tried = []
+    own = ckpt / "vq"
+    if own.is_dir():
+        try:
+            return check_vq(own, vocab, ckpt)
+        except (VocabMismatchError, VQNotFound) as e:
+            tried.append(str(e))
     for src in cfg.data.sources:
         where = _find(src.path, ckpt)
         if where is None:
@@ -335,6 +359,17 @@ def _find_vq(cfg: Config, ckpt: Path, vocab: UnifiedVocab) -> Path:
             return check_vq(vq_dir, vocab, ckpt)
         except VocabMismatchError as e:
             tried.append(str(e))
+    start = _find(cfg.train.init_from, ckpt)
+    if start is not None:
+        try:
+            start_vq = resolve_checkpoint(start) / "vq"
+        except CheckpointNotFound:
+            start_vq = None
+        if start_vq is not None and start_vq.is_dir():
+            try:
+                return check_vq(start_vq, vocab, ckpt)
+            except (VocabMismatchError, VQNotFound) as e:
+                tried.append(str(e))
     detail = "; ".join(dict.fromkeys(tried)) or "its config names no shard directories"
     raise VQNotFound(f"{ckpt}: no VQ tokenizer found for its image codes ({detail}); pass vq=DIR (--vq DIR)")
 
