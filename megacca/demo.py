@@ -113,6 +113,19 @@ def heldout_loss(m, data: Path) -> float:
     return float(loss(m, data / "codes", split="heldout", task="c2i"))
 
 
+def pair_seq_length(data: Path) -> int:
+    """`model.seq_length` for the CCA and DPO stages: the longest caption->image row of the data (the
+    image->caption pair rows are as long), rounded up to a multiple of 8. Alignment rows are never packed, so
+    padding them to the pretraining length (96) would triple each step's work for nothing; the shipped digits
+    configs say 32, which is what this gives for the demo's own text model (at most 8 pieces per caption)."""
+    from megacca.evaluation.heldout import heldout_rows
+    from megacca.tokenizer.vocab import UnifiedVocab
+
+    vocab = UnifiedVocab.load(str(data / "vocab.json"), str(data / "text.model"))
+    longest = max(len(ids) for ids, _ in heldout_rows(vocab, data / "codes", "heldout", "t2i"))
+    return -(-(longest - 1) // 8) * 8
+
+
 def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, write_samples: bool) -> dict:
     from megacca.checkpoint import CheckpointManager
     from megacca.inference import load
@@ -164,7 +177,7 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
 
     say(f"\n== [seed {seed}] CCA: {recipe.cca_steps} steps on class->image and caption->image pairs")
     stage("launch/cca_stage.sh", "configs/cca/digits.yaml", runs / "cca",
-          [*_data_overrides(data, 2), f"train.init_from={base_ckpt}", f"train.max_steps={recipe.cca_steps}",
+          [*_data_overrides(data, 2), f"model.seq_length={pair_seq_length(data)}", f"train.init_from={base_ckpt}", f"train.max_steps={recipe.cca_steps}",
            "train.save_every=0", f"train.log_every={max(1, recipe.cca_steps // 5)}"], seed)
     cca = load(runs / "cca")
     res["cca"] = evaluate("cca", cca, "c2i", None)
@@ -185,6 +198,7 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
     say(f"\n== [seed {seed}] DPO: {recipe.dpo_steps} steps on image->caption preference pairs")
     stage("launch/dpo_stage.sh", "configs/dpo/digits_captions.yaml", runs / "dpo",
           [f"data.vocab={data}/vocab.json", f"data.text_model={data}/text.model",
+           f"model.seq_length={pair_seq_length(data)}",
            f"data.sources[0].path={data}/caption_pairs", f"train.init_from={base_ckpt}",
            f"train.max_steps={recipe.dpo_steps}", "train.save_every=0",
            f"train.log_every={max(1, recipe.dpo_steps // 5)}"], seed)

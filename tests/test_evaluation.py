@@ -435,3 +435,31 @@ def test_eval_commands_and_sweep_end_to_end(tiny_run, tmp_path):
     pad = json.loads((out / "padding.json").read_text())
     # float32 logits of a padded batch against unpadded rows: equal to float32 rounding of the kernels
     assert pad["n"] == pad["cnt"] and pad["batched"] == pytest.approx(pad["rowwise"], rel=1e-5)
+
+
+def test_demo_pipeline_quick_smoke(tiny_run, tmp_path):
+    """`python -m megacca.demo --quick` (what launch/demo.sh runs after the data) end to end on the tiny run's
+    data: every stage launcher, every evaluation, and every output file with its documented shape."""
+    d = tiny_run
+    run([PY, "tools/make_shards.py", "caption-pairs", "--src", str(d / "images"), "--out", str(tmp_path / "cpi"),
+         "--overwrite"])
+    run([PY, "tools/vq_encode.py", "--vq", str(d / "vq"), "--src", str(tmp_path / "cpi"), "--out",
+         str(d / "caption_pairs"), "--workers", "1"])
+    out = tmp_path / "demo"
+    run([PY, "-m", "megacca.demo", "--data", str(d), "--out", str(out), "--quick"], timeout=1200)
+    res = json.loads((out / "results.json").read_text())
+    entries = ["no_guidance", "cfg", "cca", "cca_cfg", "finetune_mle", "finetune_mle_cfg", "t2i_no_guidance",
+               "t2i_cfg", "t2i_cca"]
+    for name in entries:
+        e = res[name]
+        assert {"accuracy", "fd", "diversity", "cfg_scale", "num_samples", "tokens_per_s"} <= set(e), name
+        assert e["num_samples"] == 100 and 0.0 <= e["accuracy"] <= 1.0
+        npz = np.load(out / f"samples_{name}.npz")
+        assert npz["images"].dtype == np.uint8 and npz["images"].shape == (100, 8, 8) and npz["images"].max() <= 16
+        assert sorted(np.bincount(npz["labels"]).tolist()) == [10] * 10
+    assert res["cfg"]["cfg_scale"] == 2.0 and res["no_guidance"]["cfg_scale"] == 1.0
+    assert set(res["captioning"]) == {"before_dpo", "after_dpo"} and res["judge_accuracy"] >= 0.97
+    assert {"heldout_loss", "wall_seconds"} <= set(res)
+    assert "| cca | cca | class | none |" in (out / "results.md").read_text()
+    for png in ("samples.png", "tradeoff.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
