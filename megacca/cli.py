@@ -99,6 +99,17 @@ class UsageError(Exception):
     print it as one line, ``PROG: error: MESSAGE``, and exit with code 2, as `megacca` does for its own."""
 
 
+def positive_int(s: str) -> int:
+    """argparse `type=` for counts (samples, workers, batch sizes): an integer >= 1."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def run_tool(prog: str, work, *errors: type) -> int:
     """A tool's main body: run `work()`, exit 0. A user error (UsageError, ConfigError or one of `errors`) is one
     line on stderr, ``PROG: error: MESSAGE`` (``config error`` for a ConfigError), and exit code 2."""

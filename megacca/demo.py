@@ -12,7 +12,6 @@ Every training phase runs the real stage launchers (`launch/pretrain.sh`, `launc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from megacca.fileio import atomic_write_json, atomic_write_text, atomic_writer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,9 +217,8 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
 
 
 def _save_npz(path: Path, pixels: np.ndarray, labels: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez_compressed(tmp, images=pixels.astype(np.uint8), labels=labels.astype(np.int64))
-    os.replace(tmp, path)
+    with atomic_writer(path) as f:
+        np.savez_compressed(f, images=pixels.astype(np.uint8), labels=labels.astype(np.int64))
 
 
 def _sample_grid(path: Path, sets: dict, titles: dict, per_group: int = 8) -> None:
@@ -242,10 +242,11 @@ def _sample_grid(path: Path, sets: dict, titles: dict, per_group: int = 8) -> No
                 ax.set_ylabel(str(c), rotation=0, labelpad=10)
         axes[0, g].set_title(titles[name])
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_writer(path) as f:
+            fig.savefig(f, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -292,12 +293,6 @@ def results_md(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m megacca.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -329,9 +324,9 @@ def main(argv=None) -> int:
     results["seeds"] = {"n": args.seeds, "per_seed": per_seed if args.seeds > 1 else None,
                         "summary": summarise(per_seed) if args.seeds > 1 else None}
     results["wall_seconds"] = time.time() - t0
-    _write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     md = results_md(results)
-    (out / "results.md").write_text(md)
+    atomic_write_text(out / "results.md", md)
     say("\n== results (" + str(out / "results.md") + ")\n")
     say(md)
     return 0

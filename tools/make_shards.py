@@ -64,7 +64,7 @@ if _REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from megacca.cli import UsageError, run_tool  # noqa: E402
+from megacca.cli import UsageError, positive_int, run_tool  # noqa: E402
 from megacca.data.augment import FILL, SHIFTS, is_augmented, shift_image, shift_record  # noqa: E402
 from megacca.data.shards import MANIFEST_NAME, SHARD_NAME_RE, TMP_NAME_RE, ShardWriter, write_manifest  # noqa: E402
 
@@ -89,16 +89,6 @@ def parse_bytes(s: str) -> int:
     n = int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
     if n < 1:
         raise argparse.ArgumentTypeError("byte size must be >= 1")
-    return n
-
-
-def positive_int(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
 
 

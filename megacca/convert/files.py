@@ -12,6 +12,7 @@ one a later step would read). An existing destination is never overwritten.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import re
@@ -22,6 +23,8 @@ from typing import Iterator
 import torch
 
 from megacca.convert import ConversionError
+
+log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -45,6 +48,9 @@ def read_tensor_file(path: str | Path, trust_pickle: bool = False, allowed: tupl
         raise ConversionError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or one of "
                               f"{', '.join(PICKLE_SUFFIXES)})")
     if trust_pickle:
+        # The user's explicit `--trust-pickle` for a file they vouch for (issue: "a legacy pickle that needs more
+        # is refused unless the user passes --trust-pickle"); without it only the allow-list below is unpickled.
+        log.warning("%s: unpickling fully (--trust-pickle): this runs whatever code the file names", path)
         return torch.load(path, map_location="cpu", weights_only=False)
     from megacca.safe_load import UnsafeCheckpointError, only_safe_globals
 

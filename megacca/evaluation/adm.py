@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from megacca.fileio import atomic_writer
+
 __all__ = ["write_adm_npz", "read_adm_npz", "to_adm_images", "find_inception_weights", "InceptionUnavailable",
            "inception_metrics", "inception_score", "how_to_evaluate", "unavailable_reason", "INCEPTION_FILE",
            "INCEPTION_URL"]
@@ -68,16 +70,8 @@ def write_adm_npz(path, images: np.ndarray, labels: Optional[np.ndarray] = None)
     if path.suffix != ".npz":
         raise ValueError(f"{path}: the ADM suite reads .npz files")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        np.savez(f, **arrays)
     return path
 
 

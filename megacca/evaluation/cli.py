@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from megacca.cli import UsageError, _Parser, _user_errors, run_tool
+from megacca.cli import UsageError, _Parser, _user_errors, positive_int, run_tool
 from megacca.fileio import atomic_write_json
 
 PROG = "megacca eval"
@@ -150,16 +150,6 @@ def evaluate_captions(m, codes, labels, *, max_new_tokens: int = 24, temperature
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
-def _positive(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
 def _scale(s: str) -> float:
     try:
         v = float(s)
@@ -178,10 +168,10 @@ def add_model_args(p) -> None:
 def add_sampling_args(p, per_class: int) -> None:
     p.add_argument("--cfg-scale", type=_scale, default=None, metavar="S",
                    help="classifier-free guidance scale (default: none, guidance-free)")
-    p.add_argument("--per-class", type=_positive, default=per_class, metavar="K",
+    p.add_argument("--per-class", type=positive_int, default=per_class, metavar="K",
                    help="samples per class (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=500, help="prompts per sampling batch (default: "
+    p.add_argument("--batch-size", type=positive_int, default=500, help="prompts per sampling batch (default: "
                                                                      "%(default)s; batch i uses seed + i)")
 
 
@@ -205,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--data", default=DEFAULT_DATA, help="digits data directory (default: %(default)s)")
     p.add_argument("--split", default="heldout", help="split of DATA/codes (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=_positive, default=24, help="caption length cap (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="caption length cap (default: %(default)s)")
     p.add_argument("--temperature", type=_scale, default=0.0, help="0: greedy (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
     p.add_argument("--out", metavar="results.json", help="write the figures as JSON")
@@ -217,14 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codes", metavar="DIR", help="code shard directory (default: each of the run's data sources)")
     p.add_argument("--task", choices=["c2i", "t2i", "i2t"], action="append",
                    help="task(s) to score (default: the run's sources' tasks; c2i with --codes)")
-    p.add_argument("--batch-size", type=_positive, default=64, help="rows per forward (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="rows per forward (default: %(default)s)")
     p.add_argument("--out", metavar="results.json", help="write the figures as JSON")
     add_model_args(p)
 
     p = sub.add_parser("adm", help="class-conditional samples as an ADM-suite .npz (+ FID/IS if possible)",
                        epilog=EPILOG, formatter_class=fmt)
     p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--num-classes", type=_positive, default=None, help="classes 0..N-1 (default: all of the "
+    p.add_argument("--num-classes", type=positive_int, default=None, help="classes 0..N-1 (default: all of the "
                                                                        "vocabulary's)")
     add_sampling_args(p, 50)
     p.add_argument("--out", required=True, metavar="samples.npz", help="the sample batch to write")

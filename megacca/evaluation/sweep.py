@@ -8,16 +8,15 @@ distance and against diversity: the paper's Figure 4 in miniature).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from megacca.cli import UsageError, _Parser, _user_errors, run_tool
-from megacca.evaluation.cli import (DEFAULT_DATA, _data_error, _positive, add_model_args, digit_prompts,
+from megacca.cli import UsageError, _Parser, _user_errors, positive_int, run_tool
+from megacca.evaluation.cli import (DEFAULT_DATA, _data_error, add_model_args, digit_prompts,
                                     check_checkpoint, digits_reference, evaluate_digits,
                                     load_checkpoint)
-from megacca.fileio import atomic_write_json, atomic_write_text
+from megacca.fileio import atomic_write_json, atomic_write_text, atomic_writer
 
 PROG = "megacca sweep"
 
@@ -60,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="named checkpoints (e.g. CCA runs at several lambdas), in plot order")
     ap.add_argument("--cfg-scales", type=_scales, default=[1.0, 1.5, 2.0, 3.0], metavar="S,S,...",
                     help="CFG scales for every model (default: 1,1.5,2,3)")
-    ap.add_argument("--per-class", type=_positive, default=100, metavar="K", help="samples per digit (default: "
+    ap.add_argument("--per-class", type=positive_int, default=100, metavar="K", help="samples per digit (default: "
                                                                                   "%(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every pair")
-    ap.add_argument("--batch-size", type=_positive, default=500, help="prompts per sampling batch")
+    ap.add_argument("--batch-size", type=positive_int, default=500, help="prompts per sampling batch")
     ap.add_argument("--text-prompt", metavar="TEMPLATE", default=None,
                     help='caption prompts instead of class prompts, e.g. "the digit {d}"')
     ap.add_argument("--data", default=DEFAULT_DATA, help="digits data directory (default: %(default)s)")
@@ -122,13 +121,11 @@ def plot_tradeoff(path, sweep: dict, reference: Optional[dict] = None) -> Path:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_writer(path) as f:
+            fig.savefig(f, dpi=100, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
