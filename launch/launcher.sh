@@ -45,10 +45,12 @@ esac
 NGPU=0
 if command -v nvidia-smi > /dev/null 2>&1; then NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
 NPROC="${NPROC:-$(( NGPU > 0 ? NGPU : 1 ))}"
-WORLD_SIZE="$NPROC" "$PY" -m megacca config "$@" > /dev/null
 if [ "$NPROC" = 1 ] && [ -z "${MEGACCA_FORCE_LAUNCHER:-}" ]; then
-  exec "$PY" -m megacca ${ENTRY#megacca } "$@"  # one rank needs no launcher
+  # One rank needs no launcher, and `megacca train` checks the config and its files before it starts.
+  exec "$PY" -m megacca ${ENTRY#megacca } "$@"
 fi
+# Check the config and the files it names once, here, before a launcher starts N ranks that would each fail.
+WORLD_SIZE="$NPROC" "$PY" -m megacca config "$@" > /dev/null
 if [ "$NGPU" = 0 ]; then
   # The deepspeed launcher only pins threads with numactl; without it N CPU ranks would oversubscribe.
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"

@@ -191,7 +191,7 @@ def _sample(args) -> int:
         if not ok:
             raise UsageError(message)
     _setup_logging()
-    _hide_known_harmless_warnings()
+    hide_known_harmless_warnings()
     import torch
 
     from megacca.inference import load, write_image_grid
@@ -230,7 +230,7 @@ def _setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _hide_known_harmless_warnings() -> None:
+def hide_known_harmless_warnings() -> None:
     """Hide the library warnings every run prints that ask nothing of the user: exact messages only (a reworded
     or new warning still shows), each only where it is harmless. Call before megatron-core or DeepSpeed is
     imported: some of them are raised at import."""
@@ -352,7 +352,7 @@ def _train_or_config(args, argv: list[str]) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     _setup_logging()
-    _hide_known_harmless_warnings()
+    hide_known_harmless_warnings()
     if cfg.stage == "pretrain":
         from megacca.stages.pretrain import run
     else:
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.which is None:
             ap.exit(2, f"megacca bench: error: name a benchmark: {', '.join(BENCH)} (see megacca bench --help)\n")
         _setup_logging()
-        _hide_known_harmless_warnings()
+        hide_known_harmless_warnings()
         if args.which == "train":
             from megacca.bench.train import main as bench_main
         elif args.which == "align":
@@ -407,7 +407,7 @@ def _delegate(command: str, argv: list[str]) -> int:
     import importlib
 
     _setup_logging()
-    _hide_known_harmless_warnings()
+    hide_known_harmless_warnings()
     return importlib.import_module(DELEGATED[command][0]).main(argv) or 0
 
 

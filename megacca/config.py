@@ -198,6 +198,12 @@ class AlignConfig:
     length_normalize: bool = False
     """DPO: divide each sequence's summed log-prob by its number of scored tokens (SimPO, TRL's IPO) before
     the loss; policy and reference alike."""
+    rpo_alpha: float = 0.0
+    """DPO: add α x the chosen response's negative log-likelihood (per scored token) to each pair's loss: RPO
+    (Pang et al., 2024, "Iterative Reasoning Preference Optimization"; TRL's `rpo_alpha`, whose NLL is the
+    token mean over the whole batch: the same when responses have equal lengths). Plain DPO can raise the
+    margin by lowering both responses' likelihood and move the freed mass onto outputs neither names; the NLL
+    term keeps the chosen one likely. 0 = plain DPO."""
 
 
 @dataclass
@@ -611,6 +617,10 @@ def validate_align(cfg: Config) -> None:
         raise ConfigError("align.label_smoothing", f"must be in [0, 0.5), got {a.label_smoothing}")
     if cfg.stage == "dpo" and a.label_smoothing and a.loss not in ("sigmoid", "simpo"):
         raise ConfigError("align.label_smoothing", f"only the sigmoid and simpo losses have one (align.loss={a.loss})")
+    if a.rpo_alpha < 0:
+        raise ConfigError("align.rpo_alpha", f"must be >= 0, got {a.rpo_alpha}")
+    if cfg.stage == "cca" and a.rpo_alpha:
+        raise ConfigError("align.rpo_alpha", "is a DPO term (an NLL on the chosen response); the cca stage has none")
     if cfg.stage == "dpo" and a.gamma and a.loss != "simpo":
         raise ConfigError("align.gamma", f"is SimPO's target margin; align.loss is {a.loss}")
 

@@ -153,24 +153,26 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
     res["heldout_loss"] = {"step": best_step, "loss": best_loss, "curve": [[s, l] for s, l, _ in curve]}
     say(f"  base = step {best_step} (held-out loss {best_loss:.4f})")
 
-    def evaluate(name: str, m, task: str, scale) -> dict:
-        entry, pixels, labels = ev.images(m, task, scale, sample_seed)
+    def report(name: str, entry: dict, pixels: np.ndarray, labels: np.ndarray) -> dict:
         if write_samples:
             _save_npz(out / f"samples_{name}.npz", pixels, labels)
         say(f"  {name:<18} acc {entry['accuracy']:.3f}  FD {entry['fd']:7.2f}  div {entry['diversity']:6.2f}  "
             f"s={entry['cfg_scale']:<4} {entry['tokens_per_s']:,.0f} tok/s")
         return entry
 
+    def evaluate(name: str, m, task: str, scale) -> dict:
+        return report(name, *ev.images(m, task, scale, sample_seed))
+
     say(f"\n== [seed {seed}] evaluate the base: no guidance, CFG at {recipe.cfg_scales}")
     base = load(base_ckpt)
     res["no_guidance"] = evaluate("no_guidance", base, "c2i", None)
-    sweep = {1.0: res["no_guidance"]}
+    sweep, swept = {1.0: res["no_guidance"]}, {}
     for s in recipe.cfg_scales:
-        sweep[s] = ev.images(base, "c2i", s, sample_seed)[0]
+        sweep[s], *swept[s] = ev.images(base, "c2i", s, sample_seed)
         say(f"  cfg s={s:<4} acc {sweep[s]['accuracy']:.3f}  FD {sweep[s]['fd']:7.2f}  "
             f"div {sweep[s]['diversity']:6.2f}")
     best_scale = max(recipe.cfg_scales, key=lambda s: sweep[s]["accuracy"])
-    res["cfg"] = evaluate("cfg", base, "c2i", best_scale)
+    res["cfg"] = report("cfg", sweep[best_scale], *swept[best_scale])  # the sweep's samples at that scale
     res["t2i_no_guidance"] = evaluate("t2i_no_guidance", base, "t2i", None)
     res["t2i_cfg"] = evaluate("t2i_cfg", base, "t2i", best_scale)
     res["captioning"] = {"before_dpo": ev.captions(base)}
@@ -204,6 +206,7 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
            f"train.max_steps={recipe.dpo_steps}", "train.save_every=0",
            f"train.log_every={max(1, recipe.dpo_steps // 5)}"], seed)
     res["captioning"]["after_dpo"] = ev.captions(load(runs / "dpo"))
+    res["dpo"] = _dpo_settings(runs / "dpo" / "config.yaml")
     for k in ("before_dpo", "after_dpo"):
         say(f"  captioning {k}: accuracy {res['captioning'][k]['accuracy']:.3f}")
     res["seed_seconds"] = time.perf_counter() - t_seed
@@ -214,6 +217,16 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
 
         plot_tradeoff(out / "tradeoff.png", {k: {float(sc): e for sc, e in v.items()} for k, v in res["sweep"].items()})
     return res
+
+
+def _dpo_settings(config_yaml: Path) -> dict:
+    """What the DPO run optimised, from the config it saved (results.md names it beside the figures)."""
+    import yaml
+
+    cfg = yaml.safe_load(config_yaml.read_text())
+    a, o = cfg["align"], cfg["optim"]
+    return {"loss": a["loss"], "beta": a["beta"], "rpo_alpha": a.get("rpo_alpha", 0.0), "lr": o["lr"],
+            "steps": cfg["train"]["max_steps"]}
 
 
 def _save_npz(path: Path, pixels: np.ndarray, labels: np.ndarray) -> None:
@@ -277,7 +290,10 @@ def results_md(results: dict) -> str:
         lines.append(f"| {name} | {model} | {'class' if task == 'c2i' else 'caption'} | {g} | {e['accuracy']:.3f} | "
                      f"{e['fd']:.2f} | {e['diversity']:.2f} | {e['tokens_per_s']:,.0f} |")
     c = r["captioning"]
-    lines += ["", "| captioning (held-out images, greedy) | accuracy |", "|---|---|",
+    d = r.get("dpo") or {}
+    how = (f" ({d['steps']} steps of {d['loss']} DPO, β {d['beta']:g}, lr {d['lr']:g}"
+           f"{', + %g x NLL of the chosen caption (RPO)' % d['rpo_alpha'] if d.get('rpo_alpha') else ''})") if d else ""
+    lines += ["", f"| captioning (held-out images, greedy){how} | accuracy |", "|---|---|",
               f"| before DPO | {c['before_dpo']['accuracy']:.3f} |", f"| after DPO | {c['after_dpo']['accuracy']:.3f} |"]
     if "seeds" in r and r["seeds"]["n"] > 1:
         s = r["seeds"]["summary"]
@@ -315,6 +331,9 @@ def main(argv=None) -> int:
         print("demo: error: --seeds must be >= 1", file=sys.stderr)
         return 2
     recipe = QUICK if args.quick else Recipe()
+    from megacca.cli import hide_known_harmless_warnings
+
+    hide_known_harmless_warnings()  # as `megacca` does: before megatron-core is imported (some warn at import)
     out.mkdir(parents=True, exist_ok=True)
     say("\n== judge: a classifier on the training split's real digits")
     ev = Evaluator(data, recipe)

@@ -460,6 +460,7 @@ def test_demo_pipeline_quick_smoke(tiny_run, tmp_path):
     assert res["cfg"]["cfg_scale"] == 2.0 and res["no_guidance"]["cfg_scale"] == 1.0
     assert set(res["captioning"]) == {"before_dpo", "after_dpo"} and res["judge_accuracy"] >= 0.97
     assert {"heldout_loss", "wall_seconds"} <= set(res)
+    assert res["dpo"] == {"loss": "sigmoid", "beta": 0.1, "rpo_alpha": 1.0, "lr": 1e-4, "steps": 4}
     assert "| cca | cca | class | none |" in (out / "results.md").read_text()
     for png in ("samples.png", "tradeoff.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

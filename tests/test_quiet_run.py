@@ -24,7 +24,7 @@ def test_tp2_debug_run_has_a_clean_stderr(tmp_path):
 
 def test_unrelated_warnings_still_show(tmp_path):
     """The filters match exact messages: another warning from the same megatron module is not hidden."""
-    code = ("import warnings, megacca.cli as c; c._hide_known_harmless_warnings(); "
+    code = ("import warnings, megacca.cli as c; c.hide_known_harmless_warnings(); "
             "import megatron.core.transformer.transformer_config as m; "
             "warnings.warn_explicit('full scope is deprecated. Something else.', UserWarning, m.__file__, 1, "
             "module=m.__name__); "

@@ -61,7 +61,8 @@ class CCALoss(_PairLoss):
 
 class DPOLoss(_PairLoss):
     """The DPO family (`align.loss`), per pair: `megacca.losses.dpo_loss_rows`. With `align.length_normalize`
-    each summed log-prob (policy and reference) is divided by its number of scored tokens first."""
+    each summed log-prob (policy and reference) is divided by its number of scored tokens first. With
+    `align.rpo_alpha` = α each pair adds α x its chosen response's per-token NLL (RPO)."""
 
     metric_names = METRICS
 
@@ -73,14 +74,18 @@ class DPOLoss(_PairLoss):
         a = self.align
         logps = summed_logprobs(nll, mb["loss_mask"])
         ref = mb["ref_logps"].to(logps.dtype) if self.reference else None
+        n = mb["loss_mask"].to(logps.dtype).sum(dim=-1).clamp(min=1.0)  # scored tokens per row
+        token_mean_nll = -logps / n
         if a.length_normalize:
-            n = mb["loss_mask"].float().sum(dim=-1).clamp(min=1.0)
             logps = logps / n
             ref = ref / n if ref is not None else None
         chosen, rejected = self._halves(logps)
         ref_c, ref_r = self._halves(ref) if ref is not None else (None, None)
-        return self._sums(*dpo_loss_rows(chosen, rejected, ref_c, ref_r, beta=a.beta, kind=a.loss,
-                                         label_smoothing=a.label_smoothing, gamma=a.gamma))
+        rows, metrics = dpo_loss_rows(chosen, rejected, ref_c, ref_r, beta=a.beta, kind=a.loss,
+                                      label_smoothing=a.label_smoothing, gamma=a.gamma)
+        if a.rpo_alpha:
+            rows = rows + a.rpo_alpha * self._halves(token_mean_nll)[0]
+        return self._sums(rows, metrics)
 
 
 def build_loss(cfg: Config):
