@@ -3,9 +3,9 @@ sample without guidance and with CFG → CCA → the matched MLE control → DPO
 
 Every training phase runs the real stage launchers (`launch/pretrain.sh`, `launch/cca_stage.sh`,
 `launch/dpo_stage.sh`) as a user would; every evaluation runs in this process through `megacca.load` and
-`megacca.evaluation`. The recipe (model size, steps, learning rates, λ, β) was chosen on the training split
-(docs/decisions.md, "The digits recipe"); the held-out split is only used to pick the pretraining checkpoint
-(early stopping) and as the Fréchet-distance reference.
+`megacca.evaluation`, closing each model when done with it. The recipe (model size, steps, learning rates,
+λ, β) was chosen on the training split (docs/decisions.md, "The digits recipe"); the held-out split is only
+used to pick the pretraining checkpoint (early stopping) and as the Fréchet-distance reference.
 
     python -m megacca.demo --data data/digits --out runs/demo [--seeds 3]
 """
@@ -68,7 +68,11 @@ def _data_overrides(data: Path, tasks: int) -> list[str]:
 
 
 def stage(script: str, config: str, run_dir: Path, overrides: list[str], seed: int) -> None:
-    """One training phase through its launcher; its log lines stream to our stdout (visible progress)."""
+    """One training phase through its launcher; its log lines stream to our stdout (visible progress).
+
+    A separate process, not `megacca train` called here: that would save each stage ~10 s of importing
+    megatron-core and DeepSpeed, but the loader's forked workers of a second in-process stage crashed
+    (segmentation fault after the first stage's process group ended; docs/decisions.md)."""
     if run_dir.exists():
         import shutil
 
@@ -146,7 +150,8 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
     say(f"\n== [seed {seed}] early stopping: held-out loss (class->image) of each checkpoint")
     curve = []
     for ckpt in sorted((runs / "pretrain" / "checkpoints").glob("step_*")):
-        loss = heldout_loss(load(ckpt), data)
+        with load(ckpt) as m:
+            loss = heldout_loss(m, data)
         curve.append((int(ckpt.name.split("_")[1]), loss, ckpt))
         say(f"  step {curve[-1][0]:>6}: held-out loss {loss:.4f}")
     best_step, best_loss, base_ckpt = min(curve, key=lambda t: t[1])
@@ -177,6 +182,7 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
     res["t2i_cfg"] = evaluate("t2i_cfg", base, "t2i", best_scale)
     res["captioning"] = {"before_dpo": ev.captions(base)}
     res["sweep"] = {"base": {str(s): e for s, e in sweep.items()}}
+    base.close()
 
     say(f"\n== [seed {seed}] CCA: {recipe.cca_steps} steps on class->image and caption->image pairs")
     stage("launch/cca_stage.sh", "configs/cca/digits.yaml", runs / "cca",
@@ -186,6 +192,7 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
     res["cca"] = evaluate("cca", cca, "c2i", None)
     res["cca_cfg"] = evaluate("cca_cfg", cca, "c2i", best_scale)
     res["t2i_cca"] = evaluate("t2i_cca", cca, "t2i", None)
+    cca.close()
 
     say(f"\n== [seed {seed}] control: the base fine-tuned {recipe.cca_steps} steps with the plain next-token loss "
         f"(the CCA stage's data and learning rate)")
@@ -195,6 +202,7 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
     mle = load(runs / "finetune_mle")
     res["finetune_mle"] = evaluate("finetune_mle", mle, "c2i", None)
     res["finetune_mle_cfg"] = evaluate("finetune_mle_cfg", mle, "c2i", best_scale)
+    mle.close()
     res["sweep"]["cca"] = {"1.0": res["cca"], str(best_scale): res["cca_cfg"]}
     res["sweep"]["finetune_mle"] = {"1.0": res["finetune_mle"], str(best_scale): res["finetune_mle_cfg"]}
 
@@ -205,7 +213,8 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
            f"data.sources[0].path={data}/caption_pairs", f"train.init_from={base_ckpt}",
            f"train.max_steps={recipe.dpo_steps}", "train.save_every=0",
            f"train.log_every={max(1, recipe.dpo_steps // 5)}"], seed)
-    res["captioning"]["after_dpo"] = ev.captions(load(runs / "dpo"))
+    with load(runs / "dpo") as dpo:
+        res["captioning"]["after_dpo"] = ev.captions(dpo)
     res["dpo"] = _dpo_settings(runs / "dpo" / "config.yaml")
     for k in ("before_dpo", "after_dpo"):
         say(f"  captioning {k}: accuracy {res['captioning'][k]['accuracy']:.3f}")

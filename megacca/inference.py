@@ -303,6 +303,12 @@ class InferenceModel:
             return torch.cat([self._vq.decode(c[i:i + batch_size].to(self.device)).float().cpu()
                               for i in range(0, c.shape[0], batch_size)])
 
+    def __enter__(self) -> "InferenceModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Drop the model; the last model of a process group that `load` started ends that group."""
         if not self._closed:

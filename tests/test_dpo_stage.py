@@ -53,7 +53,7 @@ def _dpo(run_dir, base, *extra, **kw):
 
 
 def test_dpo_step1_is_log2_and_chosen_pull_ahead(tmp_path, base):
-    _dpo(tmp_path / "r", base)
+    _dpo(tmp_path / "r", base, "align.rpo_alpha=0")  # plain DPO (the digits config adds RPO's NLL term)
     m = metrics(tmp_path / "r")
     assert abs(m[0]["loss"] - math.log(2)) < 1e-6 and m[0]["rewards/margins"] == 0.0
     last = [row["rewards/margins"] for row in m[-3:]]
@@ -68,3 +68,18 @@ def test_simpo_runs_without_a_reference(tmp_path, base):
     # reference-free: step 1 is -log σ(β(π_c - π_r) - γ) on the policy's own (length-normalised) log-probs,
     # so the rewards are β·π, not 0
     assert m[0]["rewards/chosen"] < 0 and m[0]["rewards/margins"] != 0.0
+
+
+def test_rpo_step1_adds_alpha_times_the_chosen_token_nll(tmp_path, base):
+    """`align.rpo_alpha` through the stage: at step 1 (policy = reference) the loss is log 2 plus α x the chosen
+    response's NLL per scored token ("yes" and <eos>: every chosen answer here is the same)."""
+    from megacca.tokenizer.vocab import UnifiedVocab
+
+    alpha = 0.5
+    _dpo(tmp_path / "p", base, f"align.rpo_alpha={alpha}", "train.max_steps=1")
+    m = metrics(tmp_path / "p")[0]
+    d = base.run.parent
+    scored = len(UnifiedVocab.load(str(d / "vocab.json"), str(d / "text.model")).encode_text("yes")) + 1
+    # float32 sums of a few log-probs of order 1-10: agreement to ~1e-6; a wrong count or term is off by > 0.1
+    assert abs(m["loss"] - (math.log(2) + alpha * -m["logps/chosen"] / scored)) < 1e-5
+    assert m["rewards/margins"] == 0.0

@@ -293,10 +293,14 @@ def test_rpo_adds_alpha_times_chosen_token_mean_nll(length_normalize):
     assert set(metrics) == METRIC_KEYS  # the same metrics as plain DPO
 
 
-def test_rpo_alpha_is_checked():
+def test_rpo_alpha_is_checked(tmp_path):
     from megacca.config import ConfigError, load_config
+    from megacca.tokenizer.vocab import UnifiedVocab
 
+    # the digits configs name data/digits/vocab.json, which a fresh clone has not built: a stand-in vocabulary
+    UnifiedVocab.build(None, 64, (4, 4), [str(k) for k in range(10)]).save(str(tmp_path / "vocab.json"))
+    vocab = f"data.vocab={tmp_path / 'vocab.json'}"
     with pytest.raises(ConfigError, match=r"align\.rpo_alpha.*>= 0"):
-        load_config("configs/dpo/digits_captions.yaml", ["align.rpo_alpha=-1"])
+        load_config("configs/dpo/digits_captions.yaml", [vocab, "align.rpo_alpha=-1"])
     with pytest.raises(ConfigError, match=r"align\.rpo_alpha.*cca"):
-        load_config("configs/cca/digits.yaml", ["align.rpo_alpha=1"])
+        load_config("configs/cca/digits.yaml", [vocab, "align.rpo_alpha=1"])
