@@ -18,7 +18,7 @@ The CCA result in miniature, end to end on scikit-learn's handwritten digits (no
              conditional accuracy, Frechet distance to held-out digits, diversity
   align      CCA (no guidance needed afterwards), the matched MLE control, DPO on image->caption
 Writes DIR/results.json, DIR/results.md, DIR/samples_<entry>.npz, DIR/samples.png, DIR/tradeoff.png and
-the runs DIR/{pretrain,cca,finetune_mle,dpo} (other seeds: DIR/seed<N>/). About 10 minutes on 2 CPU cores (per seed after the first: ~6).
+the runs DIR/{pretrain,cca,finetune_mle,dpo} (other seeds: DIR/seed<N>/). About 9 minutes on 2 idle CPU cores (per seed after the first: ~7).
 
 options:
   --out DIR    output directory (default runs/demo; its runs/ are replaced)
