@@ -230,12 +230,12 @@ def run_seed(seed: int, out: Path, data: Path, recipe: Recipe, ev: Evaluator, wr
 
 def _dpo_settings(config_yaml: Path) -> dict:
     """What the DPO run optimised, from the config it saved (results.md names it beside the figures)."""
-    import yaml
+    from megacca.config import load_config
 
-    cfg = yaml.safe_load(config_yaml.read_text())
-    a, o = cfg["align"], cfg["optim"]
-    return {"loss": a["loss"], "beta": a["beta"], "rpo_alpha": a.get("rpo_alpha", 0.0), "lr": o["lr"],
-            "steps": cfg["train"]["max_steps"]}
+    cfg = load_config(str(config_yaml), check=False)
+    a = cfg.align
+    return {"loss": a.loss, "beta": a.beta, "rpo_alpha": a.rpo_alpha, "lr": cfg.optim.lr,
+            "steps": cfg.train.max_steps}
 
 
 def _save_npz(path: Path, pixels: np.ndarray, labels: np.ndarray) -> None:
